@@ -1,0 +1,128 @@
+"""Train a behaviour policy with SBX SAC and keep actor snapshots along training.
+
+D4RL's protocol: one SAC run per env; `expert` is the final policy, `medium` a snapshot of the same
+run at roughly a third of expert return, `medium-replay` the learner's experience up to `medium`
+(rebuilt by offlab from the snapshots, see catalog.yaml), `random` a randomly initialised actor.
+
+Every --snapshot-every steps this script writes the actor as safetensors in offlab's own layout
+(`hidden.<i>.weight`, `mean.*`, `log_std.*`; torch orientation [out, in]) and appends its
+deterministic evaluation return to curve.csv. Every --checkpoint-every steps it saves the whole
+SBX model and replay buffer, so a killed run continues with `--resume`.
+
+    pip install 'offlab[recipes]'
+    python datasets/recipes/train_behavior.py --env Hopper-v5 --steps 1000000 --out datasets/recipes/runs/hopper
+
+Needs sbx-rl (JAX); offlab itself never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from safetensors.numpy import save_file
+from stable_baselines3.common.callbacks import BaseCallback
+
+from sbx import SAC
+
+
+def actor_tensors(model) -> dict[str, np.ndarray]:
+    """The SBX SquashedGaussianActor's flax params in offlab's torch layout."""
+    params = model.policy.actor_state.params["params"]
+    dense = sorted((k for k in params if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+    *hidden, mean, log_std = dense
+    out = {}
+    for i, k in enumerate(hidden):
+        out[f"hidden.{i}.weight"] = np.asarray(params[k]["kernel"], dtype=np.float32).T.copy()
+        out[f"hidden.{i}.bias"] = np.asarray(params[k]["bias"], dtype=np.float32).copy()
+    for name, k in (("mean", mean), ("log_std", log_std)):
+        out[f"{name}.weight"] = np.asarray(params[k]["kernel"], dtype=np.float32).T.copy()
+        out[f"{name}.bias"] = np.asarray(params[k]["bias"], dtype=np.float32).copy()
+    return out
+
+
+def evaluate(model, env_id: str, episodes: int, seed: int) -> tuple[float, float]:
+    env = gym.make(env_id)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, ret = False, 0.0
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, r, term, trunc, _ = env.step(action)
+            ret += float(r)
+            done = term or trunc
+        returns.append(ret)
+    env.close()
+    return float(np.mean(returns)), float(np.std(returns) / np.sqrt(len(returns)))
+
+
+class Snapshots(BaseCallback):
+    def __init__(self, args, out: Path):
+        super().__init__()
+        self.args, self.out = args, out
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+
+    def _on_step(self) -> bool:
+        step = self.num_timesteps
+        if step % self.args.snapshot_every == 0:
+            meta = {
+                "env": self.args.env,
+                "algorithm": "SBX SAC",
+                "step": str(step),
+                "seed": str(self.args.seed),
+                "activation": "relu",
+                "log_std_min": "-20",
+                "log_std_max": "2",
+            }
+            save_file(actor_tensors(self.model), str(self.out / "snapshots" / f"step_{step:07d}.safetensors"), meta)
+            mean, se = evaluate(self.model, self.args.env, self.args.eval_episodes, seed=10_000 + step)
+            with open(self.out / "curve.csv", "a", newline="") as f:
+                csv.writer(f).writerow([step, f"{mean:.2f}", f"{se:.2f}", f"{time.time() - self.t0:.0f}"])
+            print(f"step {step}: return {mean:.1f} ± {se:.1f}", flush=True)
+        if step % self.args.checkpoint_every == 0:
+            self.model.save(self.out / "ckpt" / "model.zip")
+            self.model.save_replay_buffer(self.out / "ckpt" / "replay.pkl")
+        return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", required=True)
+    p.add_argument("--steps", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-starts", type=int, default=10_000)
+    p.add_argument("--snapshot-every", type=int, default=10_000)
+    p.add_argument("--checkpoint-every", type=int, default=50_000)
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "recipe.json").write_text(json.dumps(vars(args), default=str, indent=2))
+    env = gym.make(args.env)
+    ckpt = args.out / "ckpt" / "model.zip"
+    if args.resume and ckpt.exists():
+        model = SAC.load(ckpt, env=env)
+        replay = args.out / "ckpt" / "replay.pkl"
+        if replay.exists():
+            model.load_replay_buffer(replay)
+        done = model.num_timesteps
+        print(f"resuming at step {done}", flush=True)
+    else:
+        model = SAC("MlpPolicy", env, learning_starts=args.learning_starts, seed=args.seed, verbose=0)
+        done = 0
+    model.learn(args.steps - done, callback=Snapshots(args, args.out), reset_num_timesteps=not args.resume)
+    model.save(ckpt)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    main()

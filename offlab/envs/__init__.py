@@ -1,0 +1,1 @@
+"""Simulators: the gymnasium env factory, dynamics variants and safety costs."""

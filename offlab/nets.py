@@ -1,0 +1,222 @@
+"""Shared network pieces: MLPs, vectorised ensembles, actors, target updates, the state normaliser.
+
+Every learner assembles its networks from here; nothing in this module knows about any algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256), activation=nn.ReLU,
+        output_activation: type[nn.Module] | None = None, layer_norm: bool = False) -> nn.Sequential:
+    """Linear-activation stack; `hidden` sizes in order."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers.append(nn.Linear(d, h))
+        if layer_norm:
+            layers.append(nn.LayerNorm(h))
+        layers.append(activation())
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    if output_activation is not None:
+        layers.append(output_activation())
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """N independent linear layers applied in one batched matmul: x [N, B, in] -> [N, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n_members: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n_members, 1, out_features))
+        # each member its own default (Kaiming-uniform) init, as nn.Linear would give it
+        for i in range(n_members):
+            nn.init.kaiming_uniform_(self.weight[i].T, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """N MLPs with the same shape in one set of batched matmuls.
+
+    Input [B, in] is shared by all members (broadcast) or [N, B, in] gives each its own batch;
+    output is [N, B, out].
+    """
+
+    def __init__(self, n_members: int, in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256),
+                 activation=nn.ReLU, layer_norm: bool = False):
+        super().__init__()
+        self.n_members = n_members
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers.append(VectorizedLinear(d, h, n_members))
+            if layer_norm:
+                layers.append(nn.LayerNorm(h))
+            layers.append(activation())
+            d = h
+        layers.append(VectorizedLinear(d, out_dim, n_members))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.n_members, -1, -1)
+        return self.net(x)
+
+
+class EnsembleCritic(nn.Module):
+    """Q ensemble (twin critics when n=2): Q(s, a) -> [N, B]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, n_members: int = 2, hidden: Sequence[int] = (256, 256),
+                 layer_norm: bool = False):
+        super().__init__()
+        self.net = EnsembleMLP(n_members, obs_dim + action_dim, 1, hidden, layer_norm=layer_norm)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    """V(s) -> [B]."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256)):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class DeterministicActor(nn.Module):
+    """a = max_action * tanh(f(s)) (TD3, TD3+BC, PRDC, BC)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, action_dim, hidden, output_activation=nn.Tanh)
+        self.max_action = max_action
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * self.net(obs)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC's squashed Gaussian: u ~ N(mu(s), sigma(s)), a = max_action * tanh(u).
+
+    Parameter names (`hidden.<i>`, `mean`, `log_std`) match the shipped behaviour-policy files.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0,
+                 log_std_min: float = LOG_STD_MIN, log_std_max: float = LOG_STD_MAX):
+        super().__init__()
+        dims = [obs_dim, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.mean = nn.Linear(dims[-1], action_dim)
+        self.log_std = nn.Linear(dims[-1], action_dim)
+        self.max_action = max_action
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def distribution_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = obs
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.mean(x), self.log_std(x).clamp(self.log_std_min, self.log_std_max)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action, log-prob of that action), sampled with the reparameterisation trick."""
+        mean, log_std = self.distribution_params(obs)
+        std = log_std.exp()
+        u = mean if deterministic else mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std, self.max_action)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """log pi(a|s) of given actions (clipped inside the box before atanh)."""
+        mean, log_std = self.distribution_params(obs)
+        y = (action / self.max_action).clamp(-1 + eps, 1 - eps)
+        return tanh_gaussian_log_prob(torch.atanh(y), mean, log_std, self.max_action)
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, max_action: float = 1.0
+                           ) -> torch.Tensor:
+    """log-density of a = max_action*tanh(u), u ~ N(mean, exp(log_std)), summed over action dims."""
+    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log |d tanh(u)/du| = log(1 - tanh(u)^2) written stably
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (normal - log_det).sum(-1) - mean.shape[-1] * math.log(max_action)
+
+
+class GaussianActor(nn.Module):
+    """IQL's actor: N(tanh(f(s)) * max_action, exp(log_std)) with a state-independent log-std."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, action_dim, hidden, output_activation=nn.Tanh)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.max_action = max_action
+
+    def mean(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * self.net(obs)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean = self.mean(obs)
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return (-0.5 * ((action - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = True, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        mean = self.mean(obs)
+        if deterministic:
+            return mean
+        std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise).clamp(-self.max_action, self.max_action)
+
+
+class Normalizer(nn.Module):
+    """State normalisation (s - mu) / sigma with dataset statistics, saved in the state_dict."""
+
+    def __init__(self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(np.asarray(std), dtype=torch.float32).clone())
+
+    @classmethod
+    def identity(cls, dim: int) -> Normalizer:
+        return cls(np.zeros(dim, np.float32), np.ones(dim, np.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean) / self.std
+
+
+@torch.no_grad()
+def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) * target + tau * online."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o, tau)
+
+
+def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """A module with requires_grad off (target networks)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
