@@ -100,6 +100,61 @@ def data_get(
                   f"({ds.card.source.get('kind', '?')}), hash {ds.card.content_hash}")
 
 
+@data_app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="A catalog name, e.g. hopper-medium."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Transitions (default: the recipe's, D4RL sizes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rollouts; same name, steps and seed -> same hash."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes (the result does not depend on it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over an existing dataset."),
+    as_name: Optional[str] = typer.Option(None, "--name", help="Store under another name (default: NAME)."),
+):
+    """Build a catalog dataset in the simulator from the shipped behaviour policies (rollouts only)."""
+    import time
+
+    from offlab.data import build
+
+    t0 = time.perf_counter()
+    ds = build.build_dataset(name, steps=steps, seed=seed, workers=workers, overwrite=overwrite, progress=True,
+                             store_as=as_name)
+    _print_built(ds, time.perf_counter() - t0)
+
+
+@data_app.command("collect")
+def data_collect(
+    env: str = typer.Option(..., "--env", help="Gymnasium env id, e.g. Hopper-v5."),
+    policy: str = typer.Option(..., "--policy", help="Shipped policy (hopper/expert), .safetensors, SB3 .zip, "
+                               "or an MLflow model URI (runs:/<run_id>/policy)."),
+    steps: int = typer.Option(..., "--steps", help="Transitions to collect."),
+    name: str = typer.Option(..., "--name", help="Name to store the dataset under."),
+    noise: float = typer.Option(0.0, "--noise", help="Gaussian exploration noise (std, in units of the action "
+                                "half-range) added to the policy's mean action; 0 samples a stochastic policy."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Collect a dataset from any policy you have."""
+    import time
+
+    from offlab.data import build
+
+    t0 = time.perf_counter()
+    ds = build.collect(env, policy, steps, name, noise=noise, seed=seed, workers=workers, overwrite=overwrite,
+                       progress=True)
+    _print_built(ds, time.perf_counter() - t0)
+
+
+def _print_built(ds, seconds: float) -> None:
+    from offlab.envs.make import normalized_score
+
+    returns = ds.episode_returns()
+    line = (f"[green]{ds.card.name}[/green]: {len(ds):,} transitions, {ds.n_episodes:,} episodes, "
+            f"mean return {returns.mean():.1f}")
+    if ds.card.ref_min_score is not None:
+        line += f" (normalised {float(normalized_score(returns.mean(), ds.card.ref_min_score, ds.card.ref_max_score)):.1f})"
+    console.print(line + f", hash {ds.card.content_hash}, {seconds:.1f} s")
+
+
 @data_app.command("import")
 def data_import(
     source: str = typer.Argument(..., help="A Minari dataset id, or a .hdf5/.h5, .parquet or .csv file."),

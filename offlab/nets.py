@@ -220,3 +220,17 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+@torch.no_grad()
+def act_on_numpy(policy, obs: np.ndarray, device: torch.device | str, low: np.ndarray, high: np.ndarray
+                 ) -> np.ndarray:
+    """Run a torch policy (normalised inside) on numpy observations [obs_dim] or [B, obs_dim].
+
+    Returns float32 actions of the same leading shape, clipped to the action box [low, high].
+    """
+    x = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)
+    single = x.dim() == 1
+    action = policy(x.unsqueeze(0) if single else x).cpu().numpy()
+    action = np.clip(action, low, high).astype(np.float32, copy=False)
+    return action[0] if single else action

@@ -69,6 +69,19 @@ def not_found(name: str) -> DatasetNotFound:
     )
 
 
+def buildable(e: CatalogEntry) -> bool:
+    """True when the entry's recipe and the shipped policy files it needs are all present."""
+    r = e.recipe or {}
+    policies = paths.catalog_dir() / "policies"
+    if r.get("kind") == "policy":
+        return (policies / f"{r['policy']}.safetensors").is_file()
+    if r.get("kind") == "replay":
+        return any(policies.glob(r["snapshots"]))
+    if r.get("kind") == "mix":
+        return all(entry(p) is not None and buildable(entry(p)) for p in r["parts"])
+    return False
+
+
 def resolve_source(name: str) -> str:
     """Where `get` would take `name` from right now: 'cache', 'minari-local', 'minari-download' or 'build'."""
     if store.exists(name):
@@ -81,7 +94,7 @@ def resolve_source(name: str) -> str:
 
         if minari_io.is_local(e.minari_id):
             return "minari-local"
-    if e.recipe:
+    if buildable(e):
         return "build"
     return "minari-download" if e.minari_id else "none"
 
@@ -103,7 +116,7 @@ def get(name: str, *, download: bool = True, build: bool = True, progress: bool 
             return minari_io.import_minari(e.minari_id, name, catalog_entry=e, download=True)
         except SourceUnavailable as err:
             errors.append(str(err))
-    if build and e.recipe:
+    if build and buildable(e):
         from offlab.data import build as builder
 
         return builder.build_dataset(name, progress=progress)
@@ -130,7 +143,7 @@ def list_datasets() -> list[dict[str, Any]]:
             sources = []
             if e.minari_id:
                 sources.append(f"minari:{e.minari_id}")
-            if e.recipe:
+            if buildable(e):
                 sources.append("build")
             source = " | ".join(sources) or "import only"
         else:
@@ -162,7 +175,7 @@ def describe(name: str) -> dict[str, Any]:
             "on_disk": False,
             "env": e.env,
             "minari_id": e.minari_id,
-            "buildable": bool(e.recipe),
+            "buildable": buildable(e),
             "ref_min_score": e.ref_min_score,
             "ref_max_score": e.ref_max_score,
             "hint": f"not on disk; run `offlab data get {name}`",

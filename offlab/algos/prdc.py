@@ -1,0 +1,221 @@
+"""PRDC: TD3+BC whose BC target is the action of the nearest dataset state-action pair.
+
+Ran, Li, Zhang, Zhang & Yu, "Policy Regularization with Dataset Constraint for Offline Reinforcement
+Learning", ICML 2023, arXiv:2306.06569. The dataset constraint (Sec. 4): for the policy's pair
+(s, pi(s)) find the dataset point (s_i, a_i) nearest under the key [beta * s, a] and penalise
+||pi(s) - a_i||^2; the actor objective is TD3+BC's with that penalty in place of the BC term:
+-lambda * Q1(s, pi(s)) + ||pi(s) - a_nn||^2, lambda = alpha / mean|Q1(s, pi(s))| (detached).
+The critic, target smoothing, delayed actor update and Polyak targets are TD3+BC's.
+
+Differs from the reference code:
+- The nearest-neighbour index holds the normalised states the learner trains on (the official code
+  builds its KD-tree from the states of its replay buffer, which are normalised too).
+- The query runs on one CPU thread (`workers=1`; the official code uses all cores), and on CUDA an
+  exact chunked search on the device replaces the KD-tree, so the actor step never leaves the GPU.
+- The twin critics are one 2-member vectorised ensemble.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from offlab.algos.base import LearnerSpec, register
+from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
+from offlab.errors import ConfigError
+from offlab.nets import DeterministicActor, EnsembleCritic, Normalizer, act_on_numpy, freeze, polyak, take_step
+
+SEARCHES = ("auto", "kdtree", "exact")
+
+
+@dataclass
+class PRDCConfig:
+    """PRDC settings; defaults are the paper's for hopper/walker2d (see PAPER_OVERRIDES for the rest)."""
+
+    seed: int = 0
+    """Seed for network initialisation and the target-smoothing noise."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak rate of the target networks."""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer sizes of actor and critics."""
+    policy_noise: float = 0.2
+    """Std of the target policy smoothing noise, as a fraction of max_action."""
+    noise_clip: float = 0.5
+    """Clip of the smoothing noise, as a fraction of max_action."""
+    policy_freq: int = 2
+    """Actor and target networks update once every this many critic updates."""
+    alpha: float = 2.5
+    """Q-term trade-off: lambda = alpha / mean|Q| (40 for halfcheetah in the paper)."""
+    beta: float = 2.0
+    """Weight of the state in the neighbour key [beta * s, a]; large beta means nearest state."""
+    k: int = 1
+    """Neighbours per query; the paper (and offlab) uses only k = 1."""
+    normalize_states: bool = True
+    """Normalise states by the dataset's mean and std (+1e-3), in training and in the index keys."""
+    nn_search: str = "auto"
+    """Nearest-neighbour search: kdtree (scipy, CPU), exact (chunked torch), auto (kdtree on CPU, exact on CUDA)."""
+
+
+PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
+    # official README run commands for the D4RL -v2 datasets
+    "halfcheetah": {"alpha": 40.0, "beta": 2.0, "k": 1},
+    "hopper": {"alpha": 2.5, "beta": 2.0, "k": 1},
+    "walker2d": {"alpha": 2.5, "beta": 2.0, "k": 1},
+}
+
+
+class NearestDatasetAction:
+    """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
+
+    Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host; `exact` computes
+    all distances on the keys' device in chunks (the choice for a GPU, where a host round trip costs
+    more than the arithmetic).
+    """
+
+    def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
+                 device: torch.device, chunk_rows: int = 262_144):
+        self.beta = float(beta)
+        self.search = search
+        self.chunk_rows = chunk_rows
+        self.actions = actions.to(device=device, dtype=torch.float32)
+        keys = torch.cat([self.beta * norm_obs.float(), actions.float()], dim=1)
+        if search == "kdtree":
+            self.tree = cKDTree(keys.cpu().numpy().astype(np.float64))
+        else:
+            self.keys = keys.to(device)
+            self.key_sq_norms = (self.keys**2).sum(dim=1)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @torch.no_grad()
+    def nearest_index(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Row index of each query's nearest dataset key, as a long tensor on the actions' device."""
+        query = torch.cat([self.beta * norm_obs, action], dim=1)
+        if self.search == "kdtree":
+            _, idx = self.tree.query(query.cpu().numpy().astype(np.float64), k=1, workers=1)
+            return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.actions.device)
+        query = query.to(self.keys.device)
+        best_dist = best_idx = None
+        for start in range(0, len(self.keys), self.chunk_rows):
+            keys = self.keys[start:start + self.chunk_rows]
+            # ||q - k||^2 up to the query's own norm, which does not change the argmin
+            dist = self.key_sq_norms[start:start + self.chunk_rows] - 2.0 * query @ keys.T
+            d, i = dist.min(dim=1)
+            if best_dist is None:
+                best_dist, best_idx = d, i
+            else:
+                better = d < best_dist
+                best_dist = torch.where(better, d, best_dist)
+                best_idx = torch.where(better, i + start, best_idx)
+        return best_idx
+
+    def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The nearest dataset action a_j for each query (a constant: no gradient)."""
+        return self.actions[self.nearest_index(norm_obs, action.detach())]
+
+
+@register
+class PRDC:
+    name: ClassVar[str] = "prdc"
+    Config: ClassVar[type] = PRDCConfig
+
+    def __init__(self, config: PRDCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
+        if spec.data is None:
+            raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
+        if config.nn_search not in SEARCHES:
+            raise ConfigError(f"nn_search '{config.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
+        if config.k != 1:
+            raise ConfigError(f"PRDC supports k=1 only (got k={config.k}); the paper uses k=1, --set k=1")
+        self.cfg = config
+        self.spec = spec
+        self.device = torch.device(device)
+        self.max_action = spec.max_action
+        with torch.random.fork_rng(devices=[]):  # initialise from the config's seed, leave the global RNG alone
+            torch.manual_seed(config.seed)
+            self.actor = DeterministicActor(spec.obs_dim, spec.action_dim, config.hidden, self.max_action)
+            self.critic = EnsembleCritic(spec.obs_dim, spec.action_dim, 2, config.hidden)
+        self.actor_target = freeze(copy.deepcopy(self.actor))
+        self.critic_target = freeze(copy.deepcopy(self.critic))
+        if config.normalize_states:
+            self.normalizer = Normalizer(spec.obs_mean, np.asarray(spec.obs_std) + 1e-3)
+        else:
+            self.normalizer = Normalizer.identity(spec.obs_dim)
+        for net in (self.actor, self.critic, self.actor_target, self.critic_target, self.normalizer):
+            net.to(self.device)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        self.updates = 0
+        search = config.nn_search
+        if search == "auto":
+            search = "exact" if self.device.type == "cuda" else "kdtree"
+        data = spec.data
+        with torch.no_grad():
+            norm_obs = self.normalizer(data.obs.to(self.device)).cpu()
+        self.nearest_dataset_action = NearestDatasetAction(norm_obs, data.action, config.beta, search, self.device)
+
+    @classmethod
+    def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
+        """The paper's config overrides for a dataset's env family (empty when none apply)."""
+        name = dataset_name.lower()
+        return next((dict(v) for family, v in PAPER_OVERRIDES.items() if family in name), {})
+
+    def update(self, batch) -> dict[str, float]:
+        cfg = self.cfg
+        s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
+        critic_loss = td3_critic_loss(
+            self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2, batch.terminated,
+            gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
+            noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
+        )
+        take_step(self.critic_opt, critic_loss)
+        self.updates += 1
+        metrics = {"train/critic_loss": critic_loss.item()}
+
+        if self.updates % cfg.policy_freq == 0:  # delayed actor and target update, as TD3+BC
+            pi = self.actor(s)
+            q = self.critic(s, pi)[0]  # Q1(s, pi(s))
+            # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
+            nearest_action = self.nearest_dataset_action(s, pi)
+            # -lambda * mean Q + mean ||pi(s) - a_nn||^2, lambda = alpha / mean|Q| detached
+            actor_loss, constraint = q_normalised_bc_actor_loss(q, pi, nearest_action, cfg.alpha)
+            take_step(self.actor_opt, actor_loss)
+            polyak(self.actor_target, self.actor, cfg.tau)
+            polyak(self.critic_target, self.critic, cfg.tau)
+            metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": constraint.item(),
+                        "train/q_mean": q.mean().item()}
+        return metrics
+
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """The deterministic policy's action."""
+        return act_on_numpy(lambda o: self.actor(self.normalizer(o)), obs, self.device,
+                            self.spec.action_low, self.spec.action_high)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Networks, optimisers, normaliser, counter and RNG; the index is rebuilt from the dataset."""
+        return {
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+            "actor_target": self.actor_target.state_dict(), "critic_target": self.critic_target.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "normalizer": self.normalizer.state_dict(), "updates": self.updates,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt", "normalizer"):
+            getattr(self, key).load_state_dict(state[key])
+        self.updates = int(state["updates"])
+        self.generator.set_state(state["generator"].cpu())
