@@ -215,8 +215,12 @@ def _stream_budgets(steps: int, streams: int = STREAMS) -> list[int]:
 
 
 def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index: int, group: list[int],
-               budgets: list[int]) -> list[dict[str, np.ndarray]]:
-    """Roll out one group of streams in lockstep; returns one column dict per stream."""
+               budgets: list[int], episode_quota: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Roll out one group of streams in lockstep; returns one column dict per stream.
+
+    A stream stops when its step budget is spent or, with `episode_quota`, once it has completed
+    that many episodes.
+    """
     import gymnasium as gym
 
     torch.set_num_threads(1)
@@ -251,6 +255,8 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
                 nxt = np.asarray(env.reset()[0], np.float32)
                 ep[i] += 1
                 t[i] = 0
+                if episode_quota is not None and ep[i] >= episode_quota:
+                    remaining[i] = 0
             obs[i] = nxt
     for e in envs:
         e.close()
@@ -265,14 +271,15 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
 
 
 def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwargs: dict | None = None,
-            progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+            progress: Callable[[int], None] | None = None, episode_quota: int | None = None
+            ) -> dict[str, np.ndarray]:
     """All parts' transitions as one column dict, in (part, stream) order with dense episode ids."""
     env_kwargs = env_kwargs or {}
     tasks = []
     for pi, part in enumerate(parts):
         budgets = _stream_budgets(part.steps)
         for g in range(0, STREAMS, GROUP):
-            tasks.append((env_id, env_kwargs, part, seed, pi, list(range(g, g + GROUP)), budgets))
+            tasks.append((env_id, env_kwargs, part, seed, pi, list(range(g, g + GROUP)), budgets, episode_quota))
     if workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_run_group, *task) for task in tasks]
@@ -447,15 +454,9 @@ def evaluate_policy(source: PolicySource, env_id: str, episodes: int = 50, seed:
                     noise: float = 0.0, workers: int = 1) -> dict[str, float]:
     """Mean undiscounted return ± standard error over at least `episodes` complete episodes, with the
     policy acting as it does in a build (sampled)."""
-    from offlab.envs.make import env_spaces
-
-    max_steps = env_spaces(env_id).max_episode_steps or 1000
-    per_stream = math.ceil(episodes / STREAMS)
-    cols = rollout(env_id, [Part(source, STREAMS * max_steps * (per_stream + 1), noise=noise)], seed, workers)
-    ends = cols["terminated"] | cols["truncated"]
+    quota = math.ceil(episodes / STREAMS)
+    cols = rollout(env_id, [Part(source, STREAMS * 10**9, noise=noise)], seed, workers, episode_quota=quota)
     starts = np.r_[0, np.flatnonzero(np.diff(cols["episode"])) + 1]
     returns = np.add.reduceat(cols["reward"].astype(np.float64), starts)
-    complete = ends[np.r_[starts[1:] - 1, len(ends) - 1]]
-    returns = returns[complete]
     return {"episodes": int(len(returns)), "return_mean": float(returns.mean()),
             "return_se": float(returns.std(ddof=1) / np.sqrt(len(returns)))}

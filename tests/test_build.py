@@ -1,0 +1,186 @@
+"""Built D4RL-style datasets and `collect`: real simulator, shipped policies, small step counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offlab.data import build, registry, store
+from offlab.envs.make import normalized_score
+from offlab.errors import DatasetExists, EnvError, OfflabError, PolicyError
+from offlab.paths import catalog_dir
+from tests.helpers import run_cli
+
+POLICIES = catalog_dir() / "policies" / "hopper"
+needs_hopper = pytest.mark.skipif(
+    not (POLICIES / "expert.safetensors").is_file(), reason="hopper behaviour policies are not shipped yet"
+)
+
+
+@needs_hopper
+def test_same_name_steps_and_seed_give_the_same_hash_whatever_the_workers():
+    a = build.build_dataset("hopper-medium", steps=1000, seed=3, workers=1, store_as="a")
+    b = build.build_dataset("hopper-medium", steps=1000, seed=3, workers=2, store_as="b")
+    c = build.build_dataset("hopper-medium", steps=1000, seed=4, workers=1, store_as="c")
+    assert a.card.content_hash == b.card.content_hash
+    assert a.card.content_hash != c.card.content_hash
+    assert len(a) == 1000
+
+
+@needs_hopper
+def test_random_dataset_scores_near_zero():
+    ds = build.build_dataset("hopper-random", steps=4000, seed=0, workers=1)
+    returns = ds.episode_returns()[(ds.terminated | ds.truncated)[np.r_[ds.episode_starts[1:] - 1, len(ds) - 1]]]
+    score = normalized_score(returns.mean(), ds.card.ref_min_score, ds.card.ref_max_score)
+    assert -5 <= score <= 5
+    assert ds.behavior_logp is not None and np.isfinite(ds.behavior_logp).all()
+
+
+@needs_hopper
+def test_shipped_expert_returns_more_than_shipped_medium():
+    expert = build.evaluate_policy(build.resolve_policy("hopper/expert"), "Hopper-v5", episodes=4)
+    medium = build.evaluate_policy(build.resolve_policy("hopper/medium"), "Hopper-v5", episodes=4)
+    assert expert["return_mean"] > medium["return_mean"] + 2 * (expert["return_se"] + medium["return_se"])
+
+
+@needs_hopper
+def test_episode_ends_terminated_before_the_time_limit_and_truncated_at_the_limit():
+    # the real TimeLimit at a short limit; uniform actions fall early, the medium policy runs out of time
+    parts = [build.Part(build.PolicySource("uniform"), 1500), build.Part(build.resolve_policy("hopper/medium"), 1500)]
+    cols = build.rollout("Hopper-v5", parts, seed=0, env_kwargs={"max_episode_steps": 60})
+    episode, term, trunc = cols["episode"], cols["terminated"], cols["truncated"]
+    last = np.r_[np.flatnonzero(np.diff(episode)), len(episode) - 1]
+    lengths = np.diff(np.r_[-1, last])
+    assert trunc[last].any() and term[last].any()
+    assert not (term & trunc).any()
+    assert (lengths[trunc[last]] == 60).all()
+    assert (lengths[term[last]] <= 60).all()
+    # an episode with neither flag is one cut by its stream's step budget: at most one per stream
+    assert (~term[last] & ~trunc[last]).sum() <= build.STREAMS * len(parts)
+    inner = np.ones(len(episode), bool)
+    inner[last] = False
+    assert not term[inner].any() and not trunc[inner].any()
+
+
+@needs_hopper
+def test_behavior_logp_is_the_log_density_of_the_logged_action():
+    import torch
+
+    from offlab.nets import TanhGaussianActor
+
+    ds = build.build_dataset("hopper-medium", steps=500, seed=1, workers=1)
+    src = build.resolve_policy("hopper/medium")
+    actor = TanhGaussianActor(11, 3)
+    actor.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in src.tensors.items()})
+    with torch.no_grad():
+        logp = actor.log_prob(torch.from_numpy(ds.obs), torch.from_numpy(ds.action)).numpy()
+    ok = np.abs(ds.action).max(axis=1) < 0.999  # atanh is ill-conditioned at the box's edge
+    np.testing.assert_allclose(logp[ok], ds.behavior_logp[ok], rtol=1e-3, atol=1e-3)
+
+
+@needs_hopper
+def test_medium_replay_mixes_warmup_and_snapshots_and_medium_expert_is_half_and_half():
+    replay = build.build_dataset("hopper-medium-replay", steps=2000, seed=0, workers=1)
+    kinds = replay.card.behavior_policy
+    assert kinds["kind"] == "replay" and len(kinds["snapshots"]) >= 1
+    me = build.build_dataset("hopper-medium-expert", steps=2000, seed=0, workers=1)
+    assert len(me) == 2000
+    assert [p["dataset"] for p in me.card.behavior_policy["parts"]] == ["hopper-medium", "hopper-expert"]
+
+
+@needs_hopper
+def test_get_builds_when_nothing_else_resolves(tmp_path, monkeypatch):
+    # a copy of the catalog whose hopper-random recipe is small; the real shipped policies
+    import yaml
+
+    cat = yaml.safe_load((catalog_dir() / "catalog.yaml").read_text())
+    cat["datasets"]["hopper-random"]["recipe"]["steps"] = 800
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "catalog.yaml").write_text(yaml.safe_dump(cat))
+    (tmp_path / "cat" / "policies").symlink_to(catalog_dir() / "policies")
+    monkeypatch.setenv("OFFLAB_CATALOG_DIR", str(tmp_path / "cat"))
+    assert registry.resolve_source("hopper-random") == "build"
+    ds = registry.get("hopper-random", download=False)
+    assert store.exists("hopper-random") and ds.card.source["kind"] == "built" and len(ds) == 800
+    assert registry.resolve_source("hopper-random") == "cache"
+
+
+def test_collect_bad_inputs_are_one_line_and_write_nothing(tmp_path):
+    with pytest.raises(OfflabError, match="--steps must be a positive"):
+        build.collect("Hopper-v5", "hopper/expert", 0, "x")
+    with pytest.raises(EnvError, match="not installed"):
+        build.collect("Hoper-v5", "hopper/expert", 10, "x")
+    with pytest.raises(PolicyError, match="does not exist"):
+        build.collect("Hopper-v5", str(tmp_path / "nope.safetensors"), 10, "x")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(PolicyError, match="not a readable safetensors"):
+        build.collect("Hopper-v5", str(bad), 10, "x")
+    assert not store.exists("x")
+
+
+@needs_hopper
+def test_collect_rejects_a_policy_of_another_env_and_existing_names():
+    with pytest.raises(PolicyError, match="width 11 to actions of width 3, but the env has 17 and 6"):
+        build.collect("HalfCheetah-v5", "hopper/expert", 10, "x")
+    build.collect("Hopper-v5", "hopper/expert", 50, "x")
+    with pytest.raises(DatasetExists):
+        build.collect("Hopper-v5", "hopper/expert", 50, "x")
+
+
+@needs_hopper
+def test_collect_cli_from_a_shipped_policy_with_noise(cli_env):
+    r = run_cli("data", "collect", "--env", "Hopper-v5", "--policy", "hopper/medium", "--steps", "300",
+                "--name", "noisy", "--noise", "0.1", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    ds = store.load_dataset("noisy")
+    assert len(ds) == 300 and ds.behavior_logp is not None
+    assert ds.card.behavior_policy["noise"] == 0.1
+
+
+def test_build_cli_bad_inputs_exit_2(cli_env):
+    for args, msg in [
+        (("data", "build", "hopper-medum"), "did you mean 'hopper-medium'"),
+        (("data", "build", "hopper-medium", "--steps", "0"), "--steps must be a positive"),
+        (("data", "collect", "--env", "Nope-v0", "--policy", "hopper/expert", "--steps", "5", "--name", "z"),
+         "not installed"),
+    ]:
+        r = run_cli(*args, env=cli_env)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert store.list_local() == []
+
+
+@needs_hopper
+def test_export_of_a_built_dataset_loads_in_minari_with_reference_scores():
+    import minari
+
+    from offlab.data.minari_io import export_minari
+
+    build.build_dataset("hopper-medium", steps=1500, seed=0, workers=1)
+    export_minari("hopper-medium", "offlab/hopper/medium-v0")
+    md = minari.load_dataset("offlab/hopper/medium-v0")
+    assert md.total_steps == 1500
+    assert md.storage.metadata["ref_min_score"] == pytest.approx(-20.272305)
+    assert md.storage.metadata["ref_max_score"] == pytest.approx(3234.3)
+
+
+def test_collect_reads_an_sb3_sac_file_without_sb3(tmp_path):
+    sb3 = pytest.importorskip("stable_baselines3")
+    import gymnasium as gym
+    import torch
+
+    from offlab.nets import TanhGaussianActor
+
+    model = sb3.SAC("MlpPolicy", gym.make("Hopper-v5"), seed=0, device="cpu")
+    model.save(tmp_path / "sac.zip")
+    src = build.resolve_policy(str(tmp_path / "sac.zip"))
+    actor = TanhGaussianActor(11, 3)
+    actor.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in src.tensors.items()})
+    obs = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)
+    ours = actor(torch.from_numpy(obs), deterministic=True)[0].detach().numpy()
+    theirs = model.predict(obs, deterministic=True)[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    ds = build.collect("Hopper-v5", str(tmp_path / "sac.zip"), 200, "from-sb3")
+    assert len(ds) == 200 and ds.card.behavior_policy["algorithm"] == "SB3 SAC"
