@@ -70,6 +70,7 @@ def main() -> None:
     shutil.copy(snaps[medium_step], out / "medium.safetensors")
     card(out / "medium.safetensors", "medium", medium_step)
 
+    shutil.copy(args.run / "curve.csv", out / "training_curve.csv")  # step, eval return, se, seconds
     replay = out / "replay"
     shutil.rmtree(replay, ignore_errors=True)
     replay.mkdir()

@@ -32,7 +32,7 @@ import torch
 from offlab import paths
 from offlab.data import store
 from offlab.data.schema import Dataset, DatasetCard, coerce_columns
-from offlab.errors import EnvError, OfflabError, PolicyError
+from offlab.errors import OfflabError, PolicyError
 
 STREAMS = 16
 GROUP = 8  # the actor always sees batches of GROUP observations
@@ -246,10 +246,9 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
             nxt = np.asarray(nxt, np.float32)
             t[i] += 1
             trunc = (not term) and t[i] >= max_steps
-            c = cols[i]
-            c["episode"].append(ep[i]); c["step"].append(t[i] - 1); c["obs"].append(obs[i].copy()); c["next_obs"].append(nxt)
-            c["action"].append(actions[i]); c["reward"].append(r); c["terminated"].append(term)
-            c["truncated"].append(trunc); c["logp"].append(0.0 if logp is None else logp[i])
+            row = (ep[i], t[i] - 1, obs[i].copy(), nxt, actions[i], r, term, trunc, 0.0 if logp is None else logp[i])
+            for key, value in zip(cols[i], row, strict=True):
+                cols[i][key].append(value)
             remaining[i] -= 1
             if term or trunc:
                 nxt = np.asarray(env.reset()[0], np.float32)
