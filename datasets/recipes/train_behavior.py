@@ -27,9 +27,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 from safetensors.numpy import save_file
-from stable_baselines3.common.callbacks import BaseCallback
-
 from sbx import SAC
+from stable_baselines3.common.callbacks import BaseCallback
 
 
 def actor_tensors(model) -> dict[str, np.ndarray]:

@@ -145,7 +145,7 @@ def read_table(path: Path, mapping: dict[str, str]) -> FlatLog:
                 )
             cols[field] = None
             continue
-        arrays = [_column_numpy(table.column(c)) for c in found]
+        arrays = [_column_numpy(table.column(c), c, path) for c in found]
         cols[field] = np.stack(arrays, axis=1) if len(found) > 1 else arrays[0]
     log = FlatLog(
         obs=cols["obs"],
@@ -163,17 +163,31 @@ def read_table(path: Path, mapping: dict[str, str]) -> FlatLog:
     return log
 
 
-def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
+def _column_numpy(col: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
+    """A numeric column (or a list column of equal-width rows) as numpy; DataValidationError otherwise."""
     col = col.combine_chunks()
+    if col.null_count:
+        raise DataValidationError(f"'{path}': column '{name}' has {col.null_count} empty values; fill or drop them")
     if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
         lengths = col.value_lengths().to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths != lengths[0]).any():
-            raise DataValidationError("a list column has rows of different widths; every row must have the same width")
+            row = int(np.flatnonzero(lengths != lengths[0])[0])
+            raise DataValidationError(
+                f"'{path}': list column '{name}' has rows of different widths ({int(lengths[0])} in row 0, "
+                f"{int(lengths[row])} in row {row}); every row must have the same width"
+            )
         width = int(lengths[0]) if len(lengths) else 0
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
-    if col.null_count:
-        raise DataValidationError(f"column of type {col.type} has {col.null_count} empty values; fill or drop them")
+        values = col.flatten()
+        if values.null_count or not _numeric(values.type):
+            raise DataValidationError(f"'{path}': list column '{name}' must hold numbers without gaps")
+        return values.to_numpy(zero_copy_only=False).reshape(len(col), width)
+    if not _numeric(col.type):
+        raise DataValidationError(f"'{path}': column '{name}' holds {col.type} values; it must hold numbers")
     return col.to_numpy(zero_copy_only=False)
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
 def _check_lengths(log: FlatLog, path: Path) -> None:
@@ -196,10 +210,13 @@ def dataset_from_log(log: FlatLog, name: str, env_id: str, *, source: dict, env_
         ep = np.asarray(log.episode)
         changes = np.r_[ep[1:] != ep[:-1], True]
         if len(np.unique(ep)) != int(changes.sum()):
-            first = int(np.flatnonzero(changes)[0])
+            starts = np.r_[0, np.flatnonzero(changes[:-1]) + 1]  # first row of each run of equal ids
+            _, first_run = np.unique(ep[starts], return_index=True)
+            again = np.setdiff1d(np.arange(len(starts)), first_run)[0]  # first run of an id seen before
+            row = int(starts[again])
             raise DataValidationError(
-                f"episodes are not contiguous: episode {ep[first]} appears again after other rows; "
-                f"sort the rows by episode then step"
+                f"episodes are not contiguous: episode {ep[row]} appears again at row {row} after other episodes' "
+                f"rows; sort the rows by episode then step"
             )
         ends = changes
     if log.step is not None:

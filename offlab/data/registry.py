@@ -16,7 +16,7 @@ import yaml
 from offlab import paths
 from offlab.data import store
 from offlab.data.schema import Dataset
-from offlab.errors import ConfigError, DatasetNotFound, SourceUnavailable, did_you_mean
+from offlab.errors import ConfigError, DatasetNotFound, DataValidationError, SourceUnavailable, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,13 @@ def _read_catalog(path: Path) -> dict[str, CatalogEntry]:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read the dataset catalog {path}: {str(e).splitlines()[0]}") from None
     entries = {}
+    known = {f for f in CatalogEntry.__dataclass_fields__ if f != "name"}
     for name, fields in (raw.get("datasets") or {}).items():
+        unknown = sorted(set(fields or {}) - known)
+        missing = sorted({"env", "ref_min_score", "ref_max_score"} - set(fields or {}))
+        if unknown or missing:
+            what = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+            raise ConfigError(f"dataset catalog {path}: entry '{name}' has {what}; fields are {sorted(known)}")
         entries[name] = CatalogEntry(name=name, **fields)
     return entries
 
@@ -112,10 +118,14 @@ def get(name: str, *, download: bool = True, build: bool = True, progress: bool 
         return minari_io.import_minari(e.minari_id, name, catalog_entry=e)
     errors = []
     if download and e.minari_id:
-        try:
-            return minari_io.import_minari(e.minari_id, name, catalog_entry=e, download=True)
-        except SourceUnavailable as err:
-            errors.append(str(err))
+        reason = minari_io.download_unavailable(e.minari_id)
+        if reason:
+            errors.append(f"its Minari copy '{e.minari_id}' is not local and {reason}")
+        else:
+            try:
+                return minari_io.import_minari(e.minari_id, name, catalog_entry=e, download=True)
+            except SourceUnavailable as err:
+                errors.append(str(err))
     if build and buildable(e):
         from offlab.data import build as builder
 
@@ -126,9 +136,9 @@ def get(name: str, *, download: bool = True, build: bool = True, progress: bool 
         reason = f"its Minari copy '{e.minari_id}' is not in the local Minari store and downloads are off"
     else:
         reason = "it has no Minari equivalent"
+    no_build = "building is off (drop --no-build)" if buildable(e) else "no build recipe ships for it yet"
     raise SourceUnavailable(
-        f"cannot get '{name}': {reason}; and no build recipe ships for it yet "
-        f"(import a copy with `offlab data import`)"
+        f"cannot get '{name}': {reason}; and {no_build} (or import a copy with `offlab data import`)"
     )
 
 
@@ -138,7 +148,13 @@ def list_datasets() -> list[dict[str, Any]]:
     local = set(store.list_local())
     for name in sorted(set(catalog()) | local):
         e = entry(name)
-        card = store.load_card(name) if name in local else None
+        try:
+            card = store.load_card(name) if name in local else None
+        except DataValidationError:  # a damaged dataset is listed, not fatal to the listing
+            rows.append({"name": name, "env": e.env if e else None, "in_catalog": e is not None,
+                         "source": f"corrupt card (offlab data delete {name})", "on_disk": True,
+                         "n_steps": None, "n_episodes": None})
+            continue
         if e is not None:
             sources = []
             if e.minari_id:

@@ -31,8 +31,10 @@ class DatasetCard:
     env_id: str
     obs_dim: int
     action_dim: int
+    """Action width; for discrete actions, the number of actions."""
     discrete_actions: bool = False
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """gym.make keyword arguments, including max_episode_steps when it differs from the registered one."""
     action_low: list[float] | None = None
     action_high: list[float] | None = None
     ref_min_score: float | None = None
@@ -53,8 +55,16 @@ class DatasetCard:
 
     @classmethod
     def from_json(cls, text: str) -> DatasetCard:
-        raw = json.loads(text)
+        """Parse a card; raises DataValidationError for text that is not a card."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataValidationError(f"dataset card is not valid JSON ({e})") from None
         known = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING] if isinstance(raw, dict) else ["name"]
+        if missing:
+            raise DataValidationError(f"dataset card lacks the fields {missing}")
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -138,8 +148,15 @@ def finalize(ds: Dataset) -> Dataset:
         content_hash=ds.content_hash(),
         offlab_version=__version__,
         obs_dim=int(ds.obs.shape[1]),
-        action_dim=1 if ds.action.ndim == 1 else int(ds.action.shape[1]),
+        action_dim=_action_dim(ds),
     )
+
+
+def _action_dim(ds: Dataset) -> int:
+    """The action width; for discrete actions (integer vector) the number of actions the card names."""
+    if ds.action.ndim == 1:
+        return int(ds.card.action_dim) if ds.card.discrete_actions else 1
+    return int(ds.action.shape[1])
 
 
 def validate(ds: Dataset) -> None:
@@ -160,9 +177,9 @@ def validate(ds: Dataset) -> None:
         a = getattr(ds, c)
         if a is None or not np.issubdtype(a.dtype, np.floating):
             continue
-        bad = ~np.isfinite(a)
-        if bad.any():
-            row = int(np.flatnonzero(bad.reshape(n, -1).any(axis=1))[0])
+        finite = np.isfinite(a)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.reshape(n, -1).all(axis=1))[0])
             raise DataValidationError(
                 f"dataset '{name}': column '{c}' has NaN or inf at episode {int(ds.episode[row])}, "
                 f"step {int(ds.step[row])} (row {row}); clean or drop those transitions before importing"
@@ -197,12 +214,14 @@ def validate(ds: Dataset) -> None:
             f"but continues; an episode must end at its terminal or time-limit step"
         )
     inner = ~last[:-1]
-    if inner.any():
-        gap = np.abs(ds.next_obs[:-1][inner] - ds.obs[1:][inner])
-        tol = 1e-5 * (1.0 + np.abs(ds.obs[1:][inner]))
+    # exact comparison first (cheap, and true for data logged by a simulator); tolerance only where it differs
+    differs = np.flatnonzero((ds.next_obs[:-1] != ds.obs[1:]).any(axis=1) & inner)
+    if len(differs):
+        gap = np.abs(ds.next_obs[differs] - ds.obs[differs + 1])
+        tol = 1e-5 * (1.0 + np.abs(ds.obs[differs + 1]))
         mismatch = (gap > tol).any(axis=1)
         if mismatch.any():
-            row = int(np.flatnonzero(inner)[np.flatnonzero(mismatch)[0]])
+            row = int(differs[np.flatnonzero(mismatch)[0]])
             raise DataValidationError(
                 f"dataset '{name}': next_obs[t] != obs[t+1] in episode {int(ep[row])} at step {int(ds.step[row])}; "
                 f"rows of one episode must follow each other (or split the episode there)"
@@ -211,13 +230,29 @@ def validate(ds: Dataset) -> None:
 
 def check_env_shapes(ds: Dataset, obs_shape: tuple[int, ...], action_dim: int, discrete: bool) -> None:
     """Raise EnvError when the table's widths do not match the env's spaces."""
-    if tuple(ds.obs.shape[1:]) != tuple(obs_shape):
+    width = int(np.prod(obs_shape)) if len(obs_shape) else 1  # offlab stores observations flattened
+    if ds.obs.shape[1] != width:
         raise EnvError(
             f"dataset '{ds.card.name}' has observations of width {ds.obs.shape[1]} but {ds.card.env_id} "
-            f"expects {obs_shape[0] if obs_shape else obs_shape}; pass the env the data was logged in (--env)"
+            f"expects {width}; pass the env the data was logged in (--env)"
         )
+    if discrete:
+        if ds.action.ndim != 1 or not np.issubdtype(ds.action.dtype, np.integer):
+            raise EnvError(
+                f"dataset '{ds.card.name}' has {ds.action.dtype} actions of shape {list(ds.action.shape[1:])} but "
+                f"{ds.card.env_id} has discrete actions (integers 0..{action_dim - 1}); pass the env the data was "
+                f"logged in (--env)"
+            )
+        bad = (ds.action < 0) | (ds.action >= action_dim)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise EnvError(
+                f"dataset '{ds.card.name}' has action {int(ds.action[row])} at row {row} but {ds.card.env_id} "
+                f"has {action_dim} discrete actions (0..{action_dim - 1}); pass the env the data was logged in (--env)"
+            )
+        return
     width = 1 if ds.action.ndim == 1 else ds.action.shape[1]
-    if discrete != (ds.action.ndim == 1) or width != action_dim:
+    if ds.action.ndim != 2 or width != action_dim:
         raise EnvError(
             f"dataset '{ds.card.name}' has actions of width {width} but {ds.card.env_id} expects "
             f"{action_dim}; pass the env the data was logged in (--env)"
