@@ -12,6 +12,10 @@ SBX model and replay buffer, so a killed run continues with `--resume`.
     pip install 'offlab[recipes]'
     python datasets/recipes/train_behavior.py --env Hopper-v5 --steps 1000000 --out datasets/recipes/runs/hopper
 
+To continue on another machine, `--export-resume DIR` packs the latest checkpoint into DIR
+(model.zip plus the filled part of the replay buffer as compressed npz, small enough to commit),
+and `--resume-from DIR` starts from such a pack.
+
 Needs sbx-rl (JAX); offlab itself never imports it.
 """
 
@@ -92,6 +96,42 @@ class Snapshots(BaseCallback):
         return True
 
 
+REPLAY_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def export_resume(run: Path, out: Path) -> None:
+    """Pack run/ckpt (model.zip + replay.pkl) into out/ (model.zip + replay.npz of the filled rows)."""
+    import shutil
+
+    model = SAC.load(run / "ckpt" / "model.zip")
+    model.load_replay_buffer(run / "ckpt" / "replay.pkl")
+    rb = model.replay_buffer
+    n = rb.buffer_size if rb.full else rb.pos
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "ckpt" / "model.zip", out / "model.zip")
+    np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n] for k in REPLAY_FIELDS})
+    shutil.copy(run / "curve.csv", out / "curve.csv")
+    # snapshots: every one up to 300k steps (medium and medium-replay come from there), then every 50k
+    snaps = sorted((run / "snapshots").glob("step_*.safetensors"))
+    (out / "snapshots").mkdir(exist_ok=True)
+    for f in snaps:
+        step = int(f.stem.split("_")[1])
+        if step <= 300_000 or step % 50_000 == 0 or f == snaps[-1]:
+            shutil.copy(f, out / "snapshots" / f.name)
+    print(f"packed step {model.num_timesteps} with {n} replay rows into {out}")
+
+
+def load_resume_pack(pack: Path, env) -> SAC:
+    model = SAC.load(pack / "model.zip", env=env)
+    data = np.load(pack / "replay.npz")
+    rb = model.replay_buffer
+    n = len(data["rewards"])
+    for k in REPLAY_FIELDS:
+        getattr(rb, k)[:n] = data[k]
+    rb.pos, rb.full = n % rb.buffer_size, n >= rb.buffer_size
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", required=True)
@@ -103,12 +143,27 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-from", type=Path, default=None, help="a pack written by --export-resume")
+    p.add_argument("--export-resume", type=Path, default=None, help="pack the latest checkpoint and exit")
     args = p.parse_args()
+    if args.export_resume:
+        export_resume(args.out, args.export_resume)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe.json").write_text(json.dumps(vars(args), default=str, indent=2))
     env = gym.make(args.env)
     ckpt = args.out / "ckpt" / "model.zip"
-    if args.resume and ckpt.exists():
+    if args.resume_from is not None:
+        import shutil
+
+        model = load_resume_pack(args.resume_from, env)
+        if not (args.out / "curve.csv").exists():
+            shutil.copy(args.resume_from / "curve.csv", args.out / "curve.csv")
+            shutil.copytree(args.resume_from / "snapshots", args.out / "snapshots", dirs_exist_ok=True)
+        done = model.num_timesteps
+        args.resume = True
+        print(f"resuming from pack at step {done}", flush=True)
+    elif args.resume and ckpt.exists():
         model = SAC.load(ckpt, env=env)
         replay = args.out / "ckpt" / "replay.pkl"
         if replay.exists():
