@@ -99,17 +99,19 @@ class Snapshots(BaseCallback):
 REPLAY_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
-def export_resume(run: Path, out: Path) -> None:
-    """Pack run/ckpt (model.zip + replay.pkl) into out/ (model.zip + replay.npz of the filled rows)."""
+def export_resume(run: Path, out: Path, with_replay: bool = True) -> None:
+    """Pack run/ckpt (model.zip [+ replay.pkl]) into out/ (model.zip [+ replay.npz of the filled rows])."""
     import shutil
 
     model = SAC.load(run / "ckpt" / "model.zip")
-    model.load_replay_buffer(run / "ckpt" / "replay.pkl")
-    rb = model.replay_buffer
-    n = rb.buffer_size if rb.full else rb.pos
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "ckpt" / "model.zip", out / "model.zip")
-    np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n] for k in REPLAY_FIELDS})
+    n = 0
+    if with_replay:
+        model.load_replay_buffer(run / "ckpt" / "replay.pkl")
+        rb = model.replay_buffer
+        n = rb.buffer_size if rb.full else rb.pos
+        np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n] for k in REPLAY_FIELDS})
     shutil.copy(run / "curve.csv", out / "curve.csv")
     # snapshots: every one up to 300k steps (medium and medium-replay come from there), then every 50k
     snaps = sorted((run / "snapshots").glob("step_*.safetensors"))
@@ -123,6 +125,8 @@ def export_resume(run: Path, out: Path) -> None:
 
 def load_resume_pack(pack: Path, env) -> SAC:
     model = SAC.load(pack / "model.zip", env=env)
+    if not (pack / "replay.npz").exists():  # a pack without replay: the buffer refills from the current policy
+        return model
     data = np.load(pack / "replay.npz")
     rb = model.replay_buffer
     n = len(data["rewards"])
@@ -145,9 +149,10 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--resume-from", type=Path, default=None, help="a pack written by --export-resume")
     p.add_argument("--export-resume", type=Path, default=None, help="pack the latest checkpoint and exit")
+    p.add_argument("--no-replay", action="store_true", help="with --export-resume: leave the replay buffer out")
     args = p.parse_args()
     if args.export_resume:
-        export_resume(args.out, args.export_resume)
+        export_resume(args.out, args.export_resume, with_replay=not args.no_replay)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe.json").write_text(json.dumps(vars(args), default=str, indent=2))
