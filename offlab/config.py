@@ -69,6 +69,10 @@ class RunConfig:
     """Log train/* metrics, averaged, every this many steps."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default); 1 avoids oversubscription when runs share the machine."""
+    dataset_quality: bool = True
+    """Log the dataset's quality metrics (quality/*, TQ and diagnostics) on the run; seconds on large datasets."""
     algo_settings: dict[str, Any] = field(default_factory=dict)
     """The learner's settings that differ from its defaults (see `offlab algos`)."""
 
@@ -92,7 +96,7 @@ class RunConfig:
             raise ConfigError("no dataset given; pass --dataset NAME or put `dataset:` in the config file")
         if not self.algo:
             raise ConfigError("no learner given; pass --algo NAME or put `algo:` in the config file (see `offlab algos`)")
-        for name in ("steps", "online_steps", "eval_every", "eval_episodes"):
+        for name in ("steps", "online_steps", "eval_every", "eval_episodes", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "online_buffer_size"):

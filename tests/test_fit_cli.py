@@ -1,0 +1,169 @@
+"""`offlab fit / algos / compare / ui` through the CLI: a tiny run end to end, and every bad input as one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from offlab import training
+from offlab.cli import app
+from offlab.config import RunConfig, resolve_run
+from offlab.data.store import write_dataset
+from offlab.errors import ConfigError
+from tests.helpers import run_cli
+
+TINY = "hopper-tiny"
+FAST = ["--steps", "20", "--eval-every", "10", "--eval-episodes", "1", "--set", "hidden=16,16",
+        "--set", "dataset_quality=false"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory):
+    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(autouse=True)
+def store(mlflow_template, tmp_path, hopper_random):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    write_dataset(hopper_random, TINY)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """Assert exit 2 with a single-line error on stderr holding every fragment; return the line."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        f"dataset: {TINY}\nalgo: td3bc\nsteps: 10\neval_every: 6\neval_episodes: 1\nseed: 4\n"
+        "dataset_quality: false\nalgo_settings:\n  actor_lr: 1.0e-4\n  hidden: [16, 16]\n  alpha: 5\n"
+    )
+    fitted = run_cli("fit", "--config", "run.yaml", "--set", "alpha=7.5", "--steps", "12", "--json")
+    assert fitted.returncode == 0, fitted.stderr
+    result = json.loads(fitted.stdout)
+    assert result["run_name"] == "td3bc-s4" and result["step"] == 12 and not result["interrupted"]
+    assert Path(result["checkpoint"]).is_file() and result["model_uri"]
+    params = MlflowClient().get_run(result["run_id"]).data.params
+    assert params["algo.actor_lr"] == "0.0001"  # from the file
+    assert params["algo.alpha"] == "7.5"        # --set beats the file
+    assert params["steps"] == "12"              # a flag beats the file
+    assert params["seed"] == "4" and params["algo.seed"] == "4" and params["algo.hidden"] == "[16, 16]"
+
+    compared = run_cli("compare", "--dataset", TINY, "--json")
+    assert compared.returncode == 0, compared.stderr
+    [row] = json.loads(compared.stdout)
+    assert row["run_id"] == result["run_id"] and row["algo"] == "td3bc" and row["seed"] == "4"
+    assert row["steps"] == 12 and row["final"] == pytest.approx(result["final_eval"]["normalized_score"])
+    table = CliRunner().invoke(app, ["compare", "--dataset", TINY])
+    assert table.exit_code == 0 and "td3bc-s4" in table.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--dataset", TINY, "--algo", "td3bcc"], ["unknown learner 'td3bcc'", "did you mean 'td3bc'", "bc", "prdc"]),
+    (["--dataset", "hoper-medium", "--algo", "bc"], ["dataset 'hoper-medium'", "did you mean 'hopper-medium'"]),
+    (["--dataset", TINY, "--algo", "td3bc", "--set", "actor_lrr=1e-4"],
+     ["unknown setting 'actor_lrr'", "did you mean 'actor_lr'", "valid keys:", "critic_lr"]),
+    (["--dataset", TINY, "--algo", "td3bc", "--set", "alpha=strong"], ["'alpha' expects float, got 'strong'"]),
+], ids=["unknown-algo", "unknown-dataset", "unknown-set-key", "wrong-set-type"])
+def test_bad_input_is_one_line_and_exit_2(args, fragments):
+    one_line_error(run_cli("fit", *args, *FAST), *fragments)
+
+
+def test_a_config_file_that_does_not_parse(tmp_path):
+    (tmp_path / "broken.yaml").write_text("dataset: hopper-medium\nalgo: [td3bc\n")
+    one_line_error(run_cli("fit", "--config", "broken.yaml"), "broken.yaml is not valid YAML", "line 3")
+
+
+def test_resume_of_a_missing_run_or_another_dataset():
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 4, "eval_episodes": 0},
+                         ["hidden=8", "dataset_quality=false"])
+    run_id = training.fit(run, progress=False).run_id
+    one_line_error(run_cli("fit", "--resume", run_id, "--dataset", "hopper-medium"),
+                   f"run '{run_id}' belongs to dataset '{TINY}', not 'hopper-medium'")
+    one_line_error(run_cli("fit", "--resume", "0123456789abcdef0123456789abcdef"),
+                   "no run '0123456789abcdef0123456789abcdef' in the tracking store")
+
+
+def test_an_unreachable_tracking_server_is_reported_before_training():
+    env = dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    one_line_error(run_cli("fit", "--dataset", TINY, "--algo", "bc", *FAST, env=env),
+                   "http://127.0.0.1:9 is not reachable")
+    assert not (Path(os.environ["OFFLAB_HOME"]) / "runs").exists()  # no training started
+
+
+def test_more_bad_settings_name_the_problem(tmp_path):
+    """The same checks as above, called in-process for the cases that need no subprocess."""
+    cases = [
+        ({"dataset": TINY, "algo": "td3bc"}, ["policy_freq=1.5"], "'policy_freq' expects int, got '1.5'"),
+        ({"dataset": TINY, "algo": "td3bc"}, ["alpha"], "must look like key=value"),
+        ({"dataset": TINY, "algo": "td3bc"}, ["dataset=other"], "--set cannot change dataset"),
+        ({"algo": "bc"}, [], "no dataset given"),
+        ({"dataset": TINY, "algo": "bc", "steps": -1}, [], "steps must be >= 0"),
+        ({"dataset": TINY, "algo": "bc"}, ["online_ratio=1.5"], "online_ratio must be in [0, 1]"),
+        ({"dataset": TINY, "algo": "bc"}, ["top_fraction=abc"], "'top_fraction' expects float"),
+    ]
+    for flags, sets, message in cases:
+        with pytest.raises(ConfigError) as err:
+            resolve_run(None, flags, sets)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "typo.yaml").write_text("dataset: hopper-medium\nalgo: bc\nstep: 10\n")
+    with pytest.raises(ConfigError, match="unknown key 'step'; did you mean 'steps'"):
+        resolve_run(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        resolve_run(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        resolve_run(tmp_path / "list.yaml")
+    resumed = CliRunner().invoke(app, ["fit", "--resume", "abc", "--steps", "5"])
+    assert resumed.exit_code != 0 and "drop --steps" in str(resumed.exception)
+
+
+def test_run_config_precedence_and_typing(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "dataset: halfcheetah-medium\nalgo: prdc\nsteps: 1e5\nalgo_settings:\n  beta: 3\n  hidden: [64, 64]\n")
+    run, cls = resolve_run(tmp_path / "run.yaml", {"seed": 2}, ["beta=4", "batch_size=128"])
+    assert run.steps == 100_000 and run.seed == 2 and run.batch_size == 128
+    assert run.algo_settings["alpha"] == 40.0  # the paper's halfcheetah override
+    assert run.algo_settings["beta"] == 4.0 and run.algo_settings["hidden"] == [64, 64]
+    assert run.algo_settings["seed"] == 2
+    defaults, _ = resolve_run(None, {"dataset": "hopper-medium", "algo": "prdc"})
+    assert defaults.algo_settings["alpha"] == 2.5 and isinstance(defaults, RunConfig)
+
+
+def test_algos_lists_learners_settings_and_paper_overrides():
+    listed = run_cli("algos", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert {"bc", "td3bc", "prdc"} <= set(rows)
+    bc = {s["name"]: s for s in rows["bc"]["settings"]}
+    assert bc["lr"]["default"] == 3e-4 and bc["lr"]["type"] == "float" and bc["lr"]["doc"]
+    assert bc["top_fraction"]["default"] == 1.0 and bc["hidden"]["default"] == [256, 256]
+    assert rows["prdc"]["overrides"].get("halfcheetah-*", {}).get("alpha") == 40.0
+    text = CliRunner().invoke(app, ["algos"])
+    assert text.exit_code == 0 and "top_fraction" in text.stdout
+
+
+def test_ui_runs_mlflow_ui_on_the_local_store(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    shown = run_cli("ui", "--port", "5055", "--dry-run", env=env)
+    assert shown.returncode == 0, shown.stderr
+    cmd = shown.stdout.split()
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert cmd[cmd.index("--port") + 1] == "5055"
+    assert cmd[cmd.index("--default-artifact-root") + 1] == (tmp_path / "mlflow" / "artifacts").as_uri()

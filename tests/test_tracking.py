@@ -1,0 +1,146 @@
+"""MLflow tracking read back with MlflowClient: params, metrics, tags, the input dataset, artifacts, the pyfunc policy."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+import offlab
+from offlab import tracking, training
+from offlab.config import flatten, from_flat, resolve_run, run_from_dict
+from offlab.data.store import write_dataset
+from offlab.errors import TrackingError
+
+TINY = "hopper-tiny"
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory):
+    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(autouse=True)
+def store(mlflow_template, tmp_path, hopper_random):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    write_dataset(hopper_random, TINY)
+
+
+def test_a_run_reads_back_with_mlflow_client(hopper_random):
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "td3bc", "steps": 60, "eval_every": 30, "eval_episodes": 2,
+                                "seed": 3}, ["hidden=32,32", "log_every=20", "actor_lr=1e-4",
+                                                                  "dataset_quality=false"])
+    result = training.fit(run, progress=False)
+    client = MlflowClient()
+    got = client.get_run(result.run_id)
+
+    assert got.info.run_name == "td3bc-s3" and got.info.status == "FINISHED"
+    assert client.get_experiment(got.info.experiment_id).name == TINY
+    tags = got.data.tags
+    assert tags["algo"] == "td3bc" and tags["dataset"] == TINY and tags["seed"] == "3"
+    assert tags["dataset_hash"] == hopper_random.card.content_hash
+    assert tags["offlab_version"] == offlab.__version__ and tags["env_id"] == "Hopper-v5"
+    assert len(tags.get("git_commit", "0" * 40)) == 40
+
+    params = got.data.params
+    assert params == flatten(run)
+    assert params["algo.actor_lr"] == "0.0001" and params["algo.alpha"] == "2.5" and params["steps"] == "60"
+    assert from_flat(params) == run
+
+    evals = client.get_metric_history(result.run_id, "eval/return")
+    assert [m.step for m in evals] == [30, 60]
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/critic_loss")] == [20, 40, 60]
+    assert {"eval/normalized_score", "eval/return_se", "train/actor_loss", "train/bc_loss", "train/q_mean"} <= set(
+        got.data.metrics)
+    score = client.get_metric_history(result.run_id, "eval/normalized_score")[-1].value
+    assert score == pytest.approx(100 * (evals[-1].value + 20.272305) / (3234.3 + 20.272305))
+
+    [dataset_input] = got.inputs.dataset_inputs
+    assert dataset_input.dataset.name == TINY
+    assert dataset_input.dataset.digest == hopper_random.card.content_hash
+    assert str(offlab.data.store.dataset_path(TINY)) in dataset_input.dataset.source
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "checkpoint"} <= artifacts
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    config_file = client.download_artifacts(result.run_id, "config.yaml")
+    assert run_from_dict(yaml.safe_load(open(config_file))) == run
+    ckpt = torch.load(client.download_artifacts(result.run_id, "checkpoint/checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 60
+
+    model = tracking.load_run_policy(result.run_id)
+    obs = hopper_random.obs[:7]
+    actions = model.predict(obs)
+    assert actions.shape == (7, 3) and actions.dtype == np.float32
+    assert (actions >= -1).all() and (actions <= 1).all()
+    assert np.array_equal(model.predict(pd.DataFrame(obs)), actions)
+    learner = training.load_policy(training.run_dir(result.run_id) / "policy.pt")
+    np.testing.assert_array_equal(learner.act(obs), actions)
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 11)
+
+
+def test_an_unreachable_tracking_server_fails_before_training():
+    with pytest.raises(TrackingError, match="not reachable"):
+        tracking.check_reachable("http://127.0.0.1:9", timeout=2)
+    with pytest.raises(TrackingError, match="not reachable"):
+        tracking.check_reachable("postgresql://u:p@127.0.0.1:9/db", timeout=2)
+    assert tracking.check_reachable() == tracking.tracking_uri()
+
+
+def test_default_store_is_under_mlflow_in_the_working_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert tracking.artifact_root(tracking.tracking_uri()) == tmp_path / "mlflow" / "artifacts"
+    cmd = tracking.ui_command(port=5123)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"] and "5123" in cmd
+    assert f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}" in cmd
+
+
+def test_compare_lines_up_runs_of_one_dataset():
+    for algo, seed in (("bc", 0), ("bc", 1), ("td3bc", 0)):
+        run, _ = resolve_run(None, {"dataset": TINY, "algo": algo, "steps": 20, "eval_every": 10, "eval_episodes": 1,
+                                    "seed": seed}, ["hidden=16", "dataset_quality=false"])
+        training.fit(run, progress=False)
+    rows = tracking.compare_runs(TINY)
+    assert sorted((r["algo"], r["seed"]) for r in rows) == [("bc", "0"), ("bc", "1"), ("td3bc", "0")]
+    client = MlflowClient()
+    for r in rows:
+        values = [m.value for m in client.get_metric_history(r["run_id"], "eval/normalized_score")]
+        assert r["final"] == values[-1] and r["best"] == max(values) and r["steps"] == 20
+        assert r["status"] == "FINISHED"
+    loss_rows = tracking.compare_runs(TINY, "train/bc_loss")
+    assert all(r["best"] <= r["final"] for r in loss_rows if r["final"] is not None)
+    with pytest.raises(TrackingError, match="no runs for dataset 'other'"):
+        tracking.compare_runs("other")
+
+
+def test_dataset_quality_is_logged_when_the_metrics_module_provides_it(hopper_random):
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 5, "eval_episodes": 0}, ["hidden=8"])
+    assert run.dataset_quality
+    result = training.fit(run, progress=False)
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    try:
+        from offlab.data.metrics import quality_metrics
+    except ImportError:
+        quality_metrics = None
+    if quality_metrics is None:
+        assert not any(k.startswith("quality/") for k in metrics)
+        assert tracking.log_dataset_quality(result.run_id, hopper_random) == {}
+        return
+    expected = {k if k.startswith("quality/") else f"quality/{k}": v for k, v in quality_metrics(hopper_random).items()}
+    assert expected
+    for key, value in expected.items():
+        if np.isfinite(value):
+            assert metrics[key] == pytest.approx(value), key
+    before = (np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    tracking.log_dataset_quality(result.run_id, hopper_random)
+    assert np.array_equal(np.random.get_state()[1], before[0]) and torch.equal(torch.get_rng_state(), before[1])

@@ -1,0 +1,280 @@
+"""The training loop: same seed same numbers, bit-exact resume after SIGKILL and Ctrl-C, the online phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from offlab import training
+from offlab.algos import LearnerSpec, get_algo
+from offlab.algos.base import ALGOS, register
+from offlab.algos.bc import BC, BCConfig
+from offlab.config import RunConfig, resolve_run
+from offlab.data.store import Transitions, write_dataset
+from offlab.evaluation.online import Evaluator
+from offlab.training import OnlineInteraction, ReplayBuffer, mixed_batch
+from tests.helpers import make_sim_dataset
+
+TINY = "hopper-tiny"
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory):
+    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(autouse=True)
+def store(mlflow_template, tmp_path, hopper_random):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    write_dataset(hopper_random, TINY)
+
+
+def tiny_run(**changes) -> RunConfig:
+    flags = {"dataset": TINY, "algo": "td3bc", "steps": 120, "eval_every": 60, "eval_episodes": 2,
+             "online_steps": 80, "seed": 0}
+    sets = ["hidden=64,64", "checkpoint_every=40", "log_every=20", "dataset_quality=false"]
+    for k, v in changes.items():
+        if k in flags:
+            flags[k] = v
+        else:
+            sets.append(f"{k}={v}")
+    return resolve_run(None, flags, sets)[0]
+
+
+def history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run (perf/* excluded: wall-clock) as sorted (step, value) lists."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in run.data.metrics if not key.startswith("perf/")
+    }
+
+
+def final_state(run_id: str) -> dict:
+    return torch.load(training.run_dir(run_id) / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_tensors(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+# ------------------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_gives_the_same_numbers_offline_and_online():
+    first = training.fit(tiny_run(), progress=False)
+    second = training.fit(tiny_run(), progress=False)
+    other_seed = training.fit(tiny_run(seed=1), progress=False)
+    h1, h2, h3 = history(first.run_id), history(second.run_id), history(other_seed.run_id)
+    assert {"train/critic_loss", "train/actor_loss", "eval/return", "eval/normalized_score",
+            "online/episode_return"} <= set(h1)
+    assert [s for s, _ in h1["eval/return"]] == [60, 120, 180, 200]
+    assert [s for s, _ in h1["train/critic_loss"]] == list(range(20, 201, 20))
+    assert h1 == h2
+    assert h1["train/critic_loss"] != h3["train/critic_loss"]
+    s1, s2 = final_state(first.run_id), final_state(second.run_id)
+    assert_same_tensors(s1["learner"], s2["learner"])
+    assert_same_tensors(s1["online"], s2["online"])
+    assert MlflowClient().get_run(first.run_id).data.params == MlflowClient().get_run(second.run_id).data.params
+    assert s1["step"] == 200 and s1["online"]["replay"]["size"] == 80
+
+
+def test_checkpoint_holds_tensors_and_plain_data_only():
+    result = training.fit(tiny_run(steps=40, online_steps=20, eval_episodes=0), progress=False)
+    state = torch.load(result.checkpoint, weights_only=True)  # no pickled objects
+    assert state["step"] == 60
+    assert {"learner", "sampler", "rng", "train_acc", "online", "run_config", "dataset_hash"} <= set(state)
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+    assert state["run_config"]["algo_settings"]["hidden"] == [64, 64]
+    assert not list(Path(result.checkpoint).parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "offlab.cli", *args]
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, runs: Path, known: set[str], min_step: int, timeout: float = 300):
+    """Poll until a new run's checkpoint has reached `min_step`; returns (run_id, step)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"fit ended before step {min_step}: {proc.communicate()}"
+        for folder in runs.glob("*") if runs.exists() else []:
+            ckpt = folder / "checkpoint.pt"
+            if folder.name in known or not ckpt.exists():
+                continue
+            try:
+                step = torch.load(ckpt, weights_only=True)["step"]
+            except Exception:  # renamed into place between exists() and load(): try again
+                continue
+            if step >= min_step:
+                return folder.name, step
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = ["fit", "--dataset", TINY, "--algo", "td3bc", "--steps", "200", "--online-steps", "200",
+            "--eval-every", "100", "--eval-episodes", "2", "--set", "hidden=64,64", "--set", "checkpoint_every=10",
+            "--set", "log_every=50", "--set", "dataset_quality=false", "--json"]
+    whole = subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    reference = json.loads(whole.stdout)["run_id"]
+    runs = Path(os.environ["OFFLAB_HOME"]) / "runs"
+
+    # SIGKILL in the offline phase
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run_id, killed_at = wait_for_checkpoint(proc, runs, {reference}, min_step=50)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and killed_at < 200
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
+
+    # resume, then Ctrl-C in the online phase (mid-episode, with a replay buffer)
+    proc = subprocess.Popen(cli("fit", "--resume", run_id, "--json"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    _, step = wait_for_checkpoint(proc, runs, {reference} | ({p.name for p in runs.glob("*")} - {run_id}),
+                                  min_step=270)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    stopped = json.loads(out)
+    assert stopped["interrupted"] and 270 <= stopped["step"] < 400
+    assert final_state(run_id)["step"] == stopped["step"]
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+
+    # resume to the end
+    done = subprocess.run(cli("fit", "--resume", run_id, "--json"), capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == 400
+
+    a, b = final_state(reference), final_state(run_id)
+    assert_same_tensors(a["learner"], b["learner"])
+    assert_same_tensors(a["online"], b["online"])
+    assert_same_tensors(a["rng"], b["rng"])
+    ha, hb = history(reference), history(run_id)
+    assert ha == hb  # every metric at every step, each logged once
+    assert len(ha["eval/return"]) == 4 and ha["online/episode_return"]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_online_state_restores_the_env_mid_episode_exactly():
+    ds = make_sim_dataset("Hopper-v5", steps=400, seed=3, name="x")
+    spec = LearnerSpec.from_transitions(Transitions(ds))
+    learner = BC(BCConfig(), spec, "cpu")
+    online = OnlineInteraction("Hopper-v5", {}, 7, spec, capacity=50, exploration_noise=0.3)
+    for _ in range(37):
+        online.step(learner, add_noise=True)
+    state = online.state_dict()
+    assert len(state["episode_actions"]) > 0, "the checkpoint should fall mid-episode"
+    later = [(online.step(learner, True), online.obs.copy()) for _ in range(40)]
+    restored = OnlineInteraction("Hopper-v5", {}, 7, spec, capacity=50, exploration_noise=0.3)
+    restored.load_state_dict(state)
+    again = [(restored.step(learner, True), restored.obs.copy()) for _ in range(40)]
+    for (m1, o1), (m2, o2) in zip(later, again, strict=True):
+        assert m1 == m2
+        np.testing.assert_array_equal(o1, o2)
+    assert_same_tensors(online.replay.state_dict(), restored.replay.state_dict())
+    assert online.replay.size == 50 and online.replay.pos == 77 % 50  # a full ring buffer wraps
+
+
+def test_online_batches_mix_replay_and_offline_data_at_the_ratio():
+    ds = make_sim_dataset("Hopper-v5", steps=300, seed=0, name="x")
+    data = Transitions(ds)
+    replay = ReplayBuffer(10, ds.obs.shape[1], 3)
+    generator = torch.Generator().manual_seed(0)
+    offline = lambda n: data.sample(n, generator)  # noqa: E731
+    assert len(mixed_batch(offline, replay, 256, 0.25, generator, torch.device("cpu")).obs) == 256  # empty replay
+    for _ in range(5):
+        replay.add(np.full(11, 1e6), np.zeros(3), 0.0, np.zeros(11), False)
+    for ratio, expected in ((0.25, 64), (0.5, 128), (0.0, 0), (1.0, 256)):
+        batch = mixed_batch(offline, replay, 256, ratio, generator, torch.device("cpu"))
+        assert batch.obs.shape == (256, 11)
+        assert int((batch.obs[:, 0] == 1e6).sum()) == expected
+
+
+def test_evaluation_is_seeded_and_normalised():
+    ev = Evaluator("Hopper-v5", episodes=3, seed=5, ref_min_score=-20.272305, ref_max_score=3234.3)
+    rng = np.random.default_rng(0)
+    fixed = rng.uniform(-1, 1, (200, 3)).astype(np.float32)
+    t = {"i": 0}
+
+    def open_loop(obs):
+        t["i"] += 1
+        return np.repeat(fixed[t["i"] % 200][None], len(obs), 0)
+
+    first = ev(open_loop)
+    t["i"] = 0
+    second = ev(open_loop)
+    np.testing.assert_array_equal(first.returns, second.returns)
+    assert first.episodes == 3
+    assert first.normalized_score == pytest.approx(100 * (first.mean_return + 20.272305) / (3234.3 + 20.272305))
+    assert first.return_se == pytest.approx(first.returns.std(ddof=1) / np.sqrt(3))
+    other = Evaluator("Hopper-v5", episodes=3, seed=6)
+    t["i"] = 0
+    assert not np.array_equal(other(open_loop).returns, first.returns)
+
+
+class _CollectingBC(BC):
+    """BC that runs the online phase itself: collects a short episode per call, then one mixed update."""
+
+    name = "test-collecting-bc"
+    needs_second_env = True
+    seen: dict = {}
+
+    def online_step(self, env, context):
+        obs, _ = env.reset(seed=context.step)
+        next_obs, reward, terminated, _, _ = env.step(self.act(obs))
+        context.replay.add(obs, self.act(obs), reward, next_obs, terminated)
+        _CollectingBC.seen = {"second_env": context.second_env, "step": context.step, "replay": len(context.replay)}
+        return self.update(context.sample())
+
+
+def test_learners_with_online_step_drive_interaction_and_get_a_second_env():
+    register(_CollectingBC)
+    try:
+        run = tiny_run(algo="test-collecting-bc", steps=10, online_steps=5, eval_episodes=0)
+        result = training.fit(run, progress=False)
+    finally:
+        ALGOS.pop("test-collecting-bc")
+    assert result.step == 15 and not result.interrupted
+    seen = _CollectingBC.seen
+    assert seen["step"] == 14 and seen["replay"] == 5
+    assert seen["second_env"] is not None and seen["second_env"].spec.id == "Hopper-v5"
+
+
+def test_resuming_a_finished_run_is_refused():
+    result = training.fit(tiny_run(steps=20, online_steps=0, eval_episodes=0), progress=False)
+    with pytest.raises(Exception, match="already finished"):
+        training.resume(result.run_id, progress=False)
+    assert get_algo("td3bc")
