@@ -1,12 +1,18 @@
 """Per-update cost of offlab's TD3+BC, PRDC and IQL on one 100k-transition dataset (run by hand).
 
-    python benchmarks/learner_speed.py --data random --steps 2000 --rounds 5
-    python benchmarks/learner_speed.py --data hopper --steps 2000 --rounds 5
+    python benchmarks/learner_speed.py --data policy --policy datasets/policies/hopper/medium.safetensors
+    python benchmarks/learner_speed.py --data hopper --warmup 5000
+    python benchmarks/learner_speed.py --data random --warmup 0
 
-`random`: 100k rows of Gaussian states (Hopper's widths, 11 + 3), the KD-tree's hard case.
-`hopper`: 100k random-action transitions rolled out in the real Hopper-v5 simulator.
-Learners run interleaved in rounds (same batches, one thread) so a busy machine slows all alike;
-the ratio is taken per round and the median reported.
+`policy`: 100k transitions of a SAC actor (offlab's safetensors layout), sampled, in the real
+Hopper-v5 simulator: one behaviour policy's data, as in D4RL's medium/expert datasets.
+`hopper`: 100k uniform-random-action transitions in the real Hopper-v5 simulator.
+`random`: 100k rows of Gaussian states and uniform actions (Hopper's widths, 11 + 3): no structure
+at all, the KD-tree's hard case.
+Every learner first runs `--warmup` updates (PRDC's query cost depends on how far pi(s) is from the
+data, which is largest at initialisation), then the learners run interleaved in rounds on the same
+batches with one thread, so a busy machine slows all alike; the ratio is taken per round and the
+median reported.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from offlab.algos import get_algo
 from offlab.algos.base import LearnerSpec
+from offlab.data import store
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 
@@ -42,9 +50,30 @@ def random_dataset(n: int, obs_dim: int, act_dim: int, seed: int = 0):
     ))
 
 
+def sac_policy(path: str):
+    """A sampled tanh-Gaussian SAC actor from a safetensors file in offlab's layout."""
+    from safetensors.torch import load_file
+
+    from offlab.nets import TanhGaussianActor
+
+    tensors = load_file(path)
+    obs_dim, hidden = tensors["hidden.0.weight"].shape[1], tensors["hidden.0.weight"].shape[0]
+    actor = TanhGaussianActor(obs_dim, tensors["mean.weight"].shape[0], (hidden, hidden))
+    actor.load_state_dict(tensors)
+    gen = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return actor(torch.as_tensor(obs, dtype=torch.float32)[None], generator=gen)[0][0].numpy()
+
+    return act
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", choices=["random", "hopper"], default="random")
+    p.add_argument("--data", choices=["random", "hopper", "policy"], default="policy")
+    p.add_argument("--policy", default="", help="SAC actor (safetensors) for --data policy")
+    p.add_argument("--warmup", type=int, default=5000, help="updates per learner before timing")
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--steps", type=int, default=2000, help="updates per learner per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -52,11 +81,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.data == "random":
-        ds = random_dataset(args.n, 11, 3)
+    source = f"{Path(args.policy).parent.name}-{Path(args.policy).stem}" if args.data == "policy" else args.data
+    name = f"speed-{source}-{args.n}"
+    if store.exists(name):  # built by an earlier run (in $OFFLAB_HOME)
+        ds = store.load_dataset(name)
+    elif args.data == "random":
+        ds = store.write_dataset(random_dataset(args.n, 11, 3), name)
     else:
         from tests.helpers import make_sim_dataset
-        ds = make_sim_dataset("Hopper-v5", steps=args.n, seed=0, name="speed-hopper")
+        ds = store.write_dataset(make_sim_dataset(
+            "Hopper-v5", steps=args.n, seed=0, name=name,
+            policy=sac_policy(args.policy) if args.data == "policy" else None))
     data = Transitions(ds)
     spec = LearnerSpec.from_transitions(data)
     names = args.algos.split(",")
@@ -68,26 +103,34 @@ def main() -> None:
         t0 = time.perf_counter()
         learners[name] = cls(cls.Config(), spec, "cpu")
         print(f"{name}: built in {time.perf_counter() - t0:.2f}s")
-    for learner in learners.values():  # warm-up
-        for b in batches[:50]:
-            learner.update(b)
-    per_update = {n: [] for n in names}
+    warm_gen = torch.Generator().manual_seed(1)
+    for name, learner in learners.items():  # warm-up: same batches for every learner
+        warm_gen.manual_seed(1)
+        t0 = time.perf_counter()
+        for _ in range(max(args.warmup, 20)):
+            learner.update(data.sample(256, warm_gen))
+        print(f"{name}: {max(args.warmup, 20)} warm-up updates in {time.perf_counter() - t0:.1f}s", flush=True)
+    per_update = {n: [] for n in names}  # wall-clock ms per update, per round
+    cpu_per_update = {n: [] for n in names}  # process CPU ms per update (all threads), per round
     for r in range(args.rounds):
         for name, learner in learners.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for b in batches:
                 learner.update(b)
             per_update[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-        print(f"round {r}: " + ", ".join(f"{n} {per_update[n][-1]:.3f} ms" for n in names))
-    print(f"\ndata={args.data} n={len(data)} threads={args.threads} steps/round={args.steps} rounds={args.rounds}")
-    for name in names:
-        print(f"{name:6s} median {statistics.median(per_update[name]):.3f} ms/update "
-              f"({1e3 / statistics.median(per_update[name]):.0f} updates/s)")
-    if "td3bc" in names:
+            cpu_per_update[name].append((time.process_time() - c0) / args.steps * 1e3)
+        print(f"round {r}: " + ", ".join(
+            f"{n} {per_update[n][-1]:.2f} ms wall / {cpu_per_update[n][-1]:.2f} ms cpu" for n in names), flush=True)
+    print(f"\ndata={args.data} n={len(data)} warmup={args.warmup} threads={args.threads} steps/round={args.steps} rounds={args.rounds}")
+    for label, table in (("wall", per_update), ("cpu", cpu_per_update)):
         for name in names:
-            ratios = [a / b for a, b in zip(per_update[name], per_update["td3bc"], strict=True)]
-            print(f"{name}/td3bc per-round ratio: median {statistics.median(ratios):.3f} "
-                  f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+            print(f"{label} {name:6s} median {statistics.median(table[name]):.3f} ms/update "
+                  f"({1e3 / statistics.median(table[name]):.0f} updates/s)")
+        if "td3bc" in names:
+            for name in names:
+                ratios = [a / b for a, b in zip(table[name], table["td3bc"], strict=True)]
+                print(f"{label} {name}/td3bc per-round ratio: median {statistics.median(ratios):.3f} "
+                      f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ import torch
 
 from offlab.algos.base import LearnerSpec, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
-from offlab.nets import DeterministicActor, EnsembleCritic, Normalizer, act_on_numpy, freeze, polyak, take_step
+from offlab.nets import (
+    DeterministicActor,
+    EnsembleCritic,
+    Normalizer,
+    act_on_numpy,
+    freeze,
+    polyak,
+    take_step,
+)
 
 
 @dataclass

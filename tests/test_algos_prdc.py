@@ -1,0 +1,175 @@
+"""PRDC's dataset constraint (Ran et al. 2023): the BC target is the action of the nearest dataset
+point under the key [beta * s, a], found by an exact index over the whole dataset."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from offlab.algos.base import LearnerSpec
+from offlab.algos.prdc import PRDC, NearestDatasetAction, PRDCConfig
+from offlab.data.schema import DatasetCard, coerce_columns, finalize
+from offlab.data.store import Transitions
+from offlab.errors import ConfigError
+
+SMALL = (64, 64)
+
+
+def table(obs, action) -> Transitions:
+    """A hand-made dataset: one single-step (truncated) episode per row, so any rows are allowed."""
+    obs = np.asarray(obs, np.float32).reshape(len(obs), -1)
+    action = np.asarray(action, np.float32).reshape(len(action), -1)
+    n = len(obs)
+    card = DatasetCard(name="hand", env_id="Pendulum-v1", obs_dim=obs.shape[1], action_dim=action.shape[1],
+                       action_low=[-1.0] * action.shape[1], action_high=[1.0] * action.shape[1])
+    ds = coerce_columns(card, episode=np.arange(n), step=np.zeros(n), obs=obs, next_obs=obs + 0.1, action=action,
+                        reward=np.zeros(n), terminated=np.zeros(n, bool), truncated=np.ones(n, bool))
+    return Transitions(finalize(ds))
+
+
+def make(data, **overrides) -> PRDC:
+    return PRDC(PRDCConfig(hidden=SMALL, **overrides), LearnerSpec.from_transitions(data))
+
+
+def nearest(learner: PRDC, obs, policy_action) -> np.ndarray:
+    s = learner.normalizer(torch.as_tensor(np.asarray(obs, np.float32).reshape(len(obs), -1)))
+    a = torch.as_tensor(np.asarray(policy_action, np.float32).reshape(len(policy_action), -1))
+    return learner.nearest_dataset_action(s, a).numpy()
+
+
+# states 0, 0, 1, 2 and actions -1, 1, 0.5, -0.5 (1-D each), raw keys when normalisation is off
+HAND_OBS = [0.0, 0.0, 1.0, 2.0]
+HAND_ACTIONS = [-1.0, 1.0, 0.5, -0.5]
+
+
+@pytest.mark.parametrize("search", ["kdtree", "exact"])
+def test_constraint_target_is_the_action_of_the_nearest_beta_state_action_pair(search):
+    learner = make(table(HAND_OBS, HAND_ACTIONS), beta=1.0, normalize_states=False, nn_search=search)
+    # key (0, 0.8): nearest (0, 1) -> 1;  (0.9, -0.2): nearest (1, 0.5) [d^2 .5] over (0,-1) [1.45] -> 0.5
+    # (1.9, 0.9): nearest (1, .5) [.97] over (2, -.5) [1.97] -> 0.5;  (2.2, -1): nearest (2, -.5) -> -0.5
+    target = nearest(learner, [0.0, 0.9, 1.9, 2.2], [0.8, -0.2, 0.9, -1.0])
+    np.testing.assert_array_equal(target[:, 0], [1.0, 0.5, 0.5, -0.5])
+
+
+def test_constraint_target_uses_normalised_states():
+    """Keys hold the learner's normalised states. States (0, 200, 1000) with actions (1, -1, 0): for the
+    query (s=20, a=-1) raw keys let the state decide (nearest: s=0, action 1), while in normalised
+    units (std ~432) the states 0 and 200 are close and the action decides (s=200, action -1)."""
+    obs, actions = [0.0, 200.0, 1000.0], [1.0, -1.0, 0.0]
+    normalised = make(table(obs, actions), beta=1.0, normalize_states=True)
+    raw = make(table(obs, actions), beta=1.0, normalize_states=False)
+    assert nearest(normalised, [20.0], [-1.0])[0, 0] == -1.0
+    assert nearest(raw, [20.0], [-1.0])[0, 0] == 1.0
+
+
+def test_beta_zero_reduces_the_search_to_actions():
+    """beta = 0: the neighbour is the dataset action nearest to pi(s), whatever its state; on a dense
+    action grid the constraint is at most half the grid spacing."""
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-1, 1, 41)  # spacing 0.05
+    data = table(rng.normal(size=(41, 3)), grid)
+    learner = make(data, beta=0.0)
+    queries = rng.uniform(-1, 1, size=(200, 1))
+    target = nearest(learner, rng.normal(size=(200, 3)) * 50.0, queries)
+    expected = grid[np.abs(grid[None, :] - queries).argmin(axis=1)]
+    np.testing.assert_allclose(target[:, 0], expected, atol=1e-7)
+    assert np.abs(target - queries).max() <= 0.025 + 1e-6
+
+
+def test_large_beta_makes_the_neighbour_the_same_states_action(hopper_random):
+    """beta -> infinity: a dataset state's neighbour is its own row, so the constraint equals the BC
+    term of TD3+BC with the logged action."""
+    data = Transitions(hopper_random)
+    learner = make(data, beta=1e4)
+    rows = torch.arange(0, len(data), 37)
+    policy_actions = torch.rand(len(rows), data.action.shape[1]) * 2 - 1
+    s = learner.normalizer(data.obs[rows])
+    target = learner.nearest_dataset_action(s, policy_actions)
+    torch.testing.assert_close(target, data.action[rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("search", ["kdtree", "exact"])
+def test_index_equals_brute_force_argmin_on_100_random_queries(hopper_random, search):
+    data = Transitions(hopper_random)
+    learner = make(data, beta=2.0, nn_search=search)
+    rng = np.random.default_rng(1)
+    s = learner.normalizer(data.obs[rng.integers(0, len(data), 100)]) + 0.3 * torch.randn(
+        100, data.obs.shape[1], generator=torch.Generator().manual_seed(1))
+    a = torch.from_numpy(rng.uniform(-1, 1, size=(100, data.action.shape[1])).astype(np.float32))
+    keys = np.concatenate([2.0 * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
+    query = np.concatenate([2.0 * s.numpy(), a.numpy()], 1).astype(np.float64)
+    dist = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    brute = dist.argmin(axis=1)
+    idx = learner.nearest_dataset_action.nearest_index(s, a).numpy()
+    if search == "kdtree":
+        np.testing.assert_array_equal(idx, brute)
+    else:  # float32 distances: the same point, or one at the same distance to within rounding
+        found = dist[np.arange(100), idx]
+        np.testing.assert_allclose(found, dist.min(axis=1), rtol=1e-5, atol=1e-6)
+        assert (idx == brute).mean() >= 0.95
+
+
+def test_exact_search_chunks_agree_with_one_chunk(hopper_random):
+    data = Transitions(hopper_random)
+    s = torch.randn(64, data.obs.shape[1], generator=torch.Generator().manual_seed(2))
+    a = torch.rand(64, data.action.shape[1], generator=torch.Generator().manual_seed(3)) * 2 - 1
+    whole = NearestDatasetAction(data.obs, data.action, 2.0, "exact", torch.device("cpu"))
+    chunked = NearestDatasetAction(data.obs, data.action, 2.0, "exact", torch.device("cpu"), chunk_rows=333)
+    torch.testing.assert_close(chunked.nearest_index(s, a), whole.nearest_index(s, a), rtol=0, atol=0)
+
+
+def test_actor_is_pulled_to_the_nearest_dataset_action_not_the_logged_one(hopper_random):
+    """alpha = 0: the actor gradient is that of mean ||pi(s) - a_nn||^2 with a_nn from a brute-force
+    search over (beta * s_i, a_i), and differs from the plain BC gradient."""
+    data = Transitions(hopper_random)
+    learner = make(data, alpha=0.0, beta=0.5)
+    batch = data.sample(64, torch.Generator().manual_seed(4))
+    reference = copy.deepcopy(learner.actor)
+    s = learner.normalizer(batch.obs)
+    pi = reference(s)
+    keys = torch.cat([0.5 * learner.normalizer(data.obs), data.action], 1).double()
+    query = torch.cat([0.5 * s, pi.detach()], 1).double()
+    a_nn = data.action[torch.cdist(query, keys).argmin(dim=1)]
+    assert not torch.equal(a_nn, batch.action)
+    ((pi - a_nn) ** 2).mean().backward()
+    learner.update(batch)
+    metrics = learner.update(batch)
+    for p, p_ref in zip(learner.actor.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-9)
+    assert metrics["train/bc_loss"] == pytest.approx(((pi - a_nn) ** 2).mean().item(), rel=1e-6)
+
+
+def test_actor_and_targets_move_only_on_delayed_steps(hopper_random):
+    data = Transitions(hopper_random)
+    learner = make(data)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, 5):
+        actor_before = [p.clone() for p in learner.actor_target.parameters()]
+        metrics = learner.update(data.sample(32, gen))
+        moved = any(not torch.equal(a, b) for a, b in zip(actor_before, learner.actor_target.parameters(), strict=True))
+        assert moved == (step % 2 == 0)
+        assert ("train/bc_loss" in metrics) == (step % 2 == 0)
+
+
+def test_paper_overrides_per_env_family():
+    assert PRDC.defaults_for("halfcheetah-medium") == {"alpha": 40.0, "beta": 2.0, "k": 1}
+    assert PRDC.defaults_for("hopper-medium-replay") == {"alpha": 2.5, "beta": 2.0, "k": 1}
+    assert PRDC.defaults_for("mujoco/walker2d/medium-v0")["alpha"] == 2.5
+    assert PRDC.defaults_for("pendulum-scripted") == {}
+    cfg = PRDCConfig()
+    assert (cfg.alpha, cfg.beta, cfg.k, cfg.policy_freq) == (2.5, 2.0, 1, 2)
+
+
+def test_bad_settings_are_config_errors(hopper_random):
+    data = Transitions(hopper_random)
+    spec = LearnerSpec.from_transitions(data)
+    with pytest.raises(ConfigError, match="nn_search"):
+        PRDC(PRDCConfig(hidden=SMALL, nn_search="faiss"), spec)
+    with pytest.raises(ConfigError, match="k=1"):
+        PRDC(PRDCConfig(hidden=SMALL, k=3), spec)
+    spec.data = None
+    with pytest.raises(ConfigError, match="needs the dataset"):
+        PRDC(PRDCConfig(hidden=SMALL), spec)
