@@ -11,6 +11,8 @@ Differs from the reference code:
 - The twin critics are one 2-member vectorised ensemble.
 - The reward scale 1000 / (max return - min return) is computed from every episode in the dataset,
   the last one included even if it was cut by the end of the data (the reference code does the same).
+- The actor's state-independent log-std is clamped to [-20, 2] (nets.GaussianActor, as CORL); the
+  authors' code clamps its minimum at -5 (recalled, verify).
 """
 
 from __future__ import annotations
