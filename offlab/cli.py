@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -105,11 +104,11 @@ def data_get(
 @data_app.command("build")
 def data_build(
     name: str = typer.Argument(..., help="A catalog name, e.g. hopper-medium."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Transitions (default: the recipe's, D4RL sizes)."),
+    steps: int | None = typer.Option(None, "--steps", help="Transitions (default: the recipe's, D4RL sizes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the rollouts; same name, steps and seed -> same hash."),
     workers: int = typer.Option(2, "--workers", help="Worker processes (the result does not depend on it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over an existing dataset."),
-    as_name: Optional[str] = typer.Option(None, "--name", help="Store under another name (default: NAME)."),
+    as_name: str | None = typer.Option(None, "--name", help="Store under another name (default: NAME)."),
 ):
     """Build a catalog dataset in the simulator from the shipped behaviour policies (rollouts only)."""
     import time

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from offlab.errors import ConfigError, did_you_mean
 
