@@ -78,3 +78,29 @@ def test_refit_bootstrap_members_train_on_episode_resamples_and_give_a_t_interva
     assert "refit bootstrap" in summary["ci_method"] and len(summary["members"]) == 3
     assert summary["ci"][0] < summary["value"] < summary["ci"][1]
     assert summary["seed_spread"] > 0
+
+
+@pytest.mark.slow
+def test_fqe_acceptance_gate_on_policy_hopper_medium():
+    """METRICS B.6.5: FQE evaluating the behaviour policy itself is near its simulator value on medium data.
+
+    50k transitions sampled from the shipped hopper/medium actor, FQE with its defaults (250k updates: with
+    tau = 0.005 and gamma = 0.995, 40k updates leave the value a third short), truth from 128 simulator
+    episodes; against a zero-value floor the gate's AbsErr <= 0.1 becomes |V_fqe - V_true| <= 0.1 V_true."""
+    from safetensors.numpy import load_file
+
+    from offlab import paths
+    from offlab.evaluation.ope.policy import tanh_gaussian_policy
+    from offlab.evaluation.ope.truth import monte_carlo
+    from tests.test_ope_support import collect_tanh_gaussian
+
+    path = paths.catalog_dir() / "policies" / "hopper" / "medium.safetensors"
+    if not path.is_file():
+        pytest.skip("no shipped hopper/medium policy")
+    tensors = load_file(str(path))
+    ds = collect_tanh_gaussian("Hopper-v5", tensors, 50_000, seed=0, name="hopper-medium-50k")
+    policy = tanh_gaussian_policy(tensors, "hopper/medium", ds.card.action_low, ds.card.action_high)
+    truth = monte_carlo(policy, "Hopper-v5", 0.995, 128, seed=7, cache=False)
+    fqe = FQE(policy, ds, 0.995, FQEConfig()).fit()
+    value = fqe_summary(fqe, resamples=200)["value"]
+    assert abs(value - truth["v_gamma"]) <= 0.1 * truth["v_gamma"], (value, truth)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from offlab.data.schema import Dataset
-from offlab.evaluation.ope.episodes import episode_bootstrap_counts
+from offlab.evaluation.ope.episodes import episode_bootstrap_counts, percentile_interval
 from offlab.evaluation.ope.policy import ActionDistribution, TargetPolicy
 from offlab.nets import EnsembleMLP, freeze, polyak
 
@@ -256,9 +256,7 @@ def fqe_summary(fqe: FQE, resamples: int = 2000, seed: int = 0, level: float = 0
         rng = np.random.default_rng(seed)
         starts = v0.mean(axis=0)
         idx = rng.integers(0, len(starts), size=(resamples, len(starts)))
-        reps = starts[idx].mean(axis=1)
-        a = (1 - level) / 2 * 100
-        out["ci"] = [float(np.percentile(reps, a)), float(np.percentile(reps, 100 - a))]
+        out["ci"] = list(percentile_interval(starts[idx].mean(axis=1), level))
         out["ci_method"] = (f"initial-state bootstrap, {resamples} resamples, percentile {int(level * 100)}% "
                             f"(ignores model-fit uncertainty; seed spread over {len(per_member)} members reported)")
     out["unreliable"] = not math.isfinite(value)

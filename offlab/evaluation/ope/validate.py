@@ -162,7 +162,9 @@ def _dataclass_from(path: Path, cls: type, raw: Any, where: str):
     values = {}
     for k, v in raw.items():
         default = getattr(cls(), k)
-        if isinstance(default, tuple) and isinstance(v, list):
+        if dataclasses.is_dataclass(default):
+            v = _dataclass_from(path, type(default), v, f"{where}.{k}")
+        elif isinstance(default, tuple) and isinstance(v, list):
             v = tuple(v)
         elif isinstance(default, bool) and not isinstance(v, bool):
             raise _fail(path, f"sets {where}.{k} to {v!r}; it must be true or false")
