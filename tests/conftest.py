@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -33,3 +34,22 @@ def hopper_random():
 def cli_env():
     """Environment for CLI subprocesses: the current (test-isolated) stores."""
     return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tiny_store(mlflow_template, tmp_path, hopper_random):
+    """The test's MLflow store, copied from the template, and `hopper_random` stored as 'hopper-tiny'."""
+    from offlab.data.store import write_dataset
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    write_dataset(hopper_random, "hopper-tiny")

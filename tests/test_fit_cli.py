@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from typer.testing import CliRunner
 from offlab import training
 from offlab.cli import app
 from offlab.config import RunConfig, resolve_run
-from offlab.data.store import write_dataset
 from offlab.errors import ConfigError
 from tests.helpers import run_cli
 
@@ -23,18 +21,7 @@ FAST = ["--steps", "20", "--eval-every", "10", "--eval-episodes", "1", "--set", 
         "--set", "dataset_quality=false"]
 
 
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory):
-    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture(autouse=True)
-def store(mlflow_template, tmp_path, hopper_random):
-    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
-    write_dataset(hopper_random, TINY)
+pytestmark = pytest.mark.usefixtures("tiny_store")
 
 
 def one_line_error(result, *fragments: str) -> str:

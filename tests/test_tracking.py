@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,24 +12,12 @@ from mlflow import MlflowClient
 import offlab
 from offlab import tracking, training
 from offlab.config import flatten, from_flat, resolve_run, run_from_dict
-from offlab.data.store import write_dataset
 from offlab.errors import TrackingError
 
 TINY = "hopper-tiny"
 
 
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory):
-    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture(autouse=True)
-def store(mlflow_template, tmp_path, hopper_random):
-    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
-    write_dataset(hopper_random, TINY)
+pytestmark = pytest.mark.usefixtures("tiny_store")
 
 
 def test_a_run_reads_back_with_mlflow_client(hopper_random):

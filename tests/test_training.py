@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from offlab.algos import LearnerSpec, get_algo
 from offlab.algos.base import ALGOS, register
 from offlab.algos.bc import BC, BCConfig
 from offlab.config import RunConfig, resolve_run
-from offlab.data.store import Transitions, write_dataset
+from offlab.data.store import Transitions
 from offlab.evaluation.online import Evaluator
 from offlab.training import OnlineInteraction, ReplayBuffer, mixed_batch
 from tests.helpers import make_sim_dataset
@@ -29,18 +28,7 @@ from tests.helpers import make_sim_dataset
 TINY = "hopper-tiny"
 
 
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory):
-    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture(autouse=True)
-def store(mlflow_template, tmp_path, hopper_random):
-    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
-    write_dataset(hopper_random, TINY)
+pytestmark = pytest.mark.usefixtures("tiny_store")
 
 
 def tiny_run(**changes) -> RunConfig:
