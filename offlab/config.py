@@ -371,6 +371,8 @@ def resolve_run(
         else:
             raise unknown_key(key, algo_cls)
     run.check()
+    if "max_steps" in learner_types and "max_steps" not in settings:
+        settings["max_steps"] = run.steps  # a learner's schedule (IQL's cosine decay) spans the run's offline updates
     cfg = learner_config(algo_cls, run.dataset, settings, seed=run.seed)
     run.algo_settings = config_dict(cfg)
     return run, algo_cls

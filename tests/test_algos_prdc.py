@@ -170,6 +170,8 @@ def test_bad_settings_are_config_errors(hopper_random):
         PRDC(PRDCConfig(hidden=SMALL, nn_search="faiss"), spec)
     with pytest.raises(ConfigError, match="k=1"):
         PRDC(PRDCConfig(hidden=SMALL, k=3), spec)
-    spec.data = None
+    spec.data = None  # without the dataset PRDC can act (a rebuilt policy) but not train
+    learner = PRDC(PRDCConfig(hidden=SMALL), spec)
+    assert learner.act(hopper_random.obs[:2]).shape == (2, 3)
     with pytest.raises(ConfigError, match="needs the dataset"):
-        PRDC(PRDCConfig(hidden=SMALL), spec)
+        learner.update(data.sample(4, torch.Generator().manual_seed(0)))

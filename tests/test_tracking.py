@@ -130,3 +130,34 @@ def test_dataset_quality_is_logged_when_the_metrics_module_provides_it(hopper_ra
     before = (np.random.get_state()[1].copy(), torch.get_rng_state().clone())
     tracking.log_dataset_quality(result.run_id, hopper_random)
     assert np.array_equal(np.random.get_state()[1], before[0]) and torch.equal(torch.get_rng_state(), before[1])
+
+
+def test_a_prdc_run_logs_a_pyfunc_policy_and_collect_rolls_it_out(hopper_random):
+    """PRDC's neighbour index needs the dataset to train but not to act: its run logs a servable policy,
+    and `offlab data collect` builds a dataset from that MLflow model URI in the real simulator."""
+    from offlab.data import build, store
+
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "prdc", "steps": 40, "eval_episodes": 0, "seed": 1},
+                         ["hidden=32,32", "dataset_quality=false"])
+    result = training.fit(run, progress=False)
+    assert result.model_uri, MlflowClient().get_run(result.run_id).data.tags.get("policy_model")
+    learner = training.load_policy(training.run_dir(result.run_id) / "policy.pt")
+    obs = hopper_random.obs[:5]
+    np.testing.assert_array_equal(tracking.load_run_policy(result.run_id).predict(obs), learner.act(obs))
+    with pytest.raises(offlab.ConfigError, match="needs the dataset"):
+        learner.update(None)
+
+    uri = f"runs:/{result.run_id}/policy"
+    build.collect("Hopper-v5", uri, 120, "from-mlflow", seed=2)
+    ds = store.load_dataset("from-mlflow")
+    assert len(ds) == 120 and ds.behavior_logp is None  # a deterministic policy: no behaviour density
+    assert ds.card.behavior_policy["policy"] == uri and ds.card.behavior_policy["kind"] == "mlflow"
+    # the logged actions are the policy's own actions on the logged states
+    np.testing.assert_allclose(ds.action, learner.act(ds.obs), atol=1e-6)
+
+
+def test_iql_decays_its_actor_lr_over_the_runs_steps_unless_set():
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "iql", "steps": 1234})
+    assert run.algo_settings["max_steps"] == 1234
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "iql", "steps": 1234}, ["max_steps=99"])
+    assert run.algo_settings["max_steps"] == 99

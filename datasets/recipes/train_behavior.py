@@ -136,6 +136,17 @@ def load_resume_pack(pack: Path, env) -> SAC:
     return model
 
 
+def trim_curve(path: Path, step: int) -> None:
+    """Drop curve rows written after the checkpoint we resume from, so a resumed run has one row per step."""
+    if not path.exists():
+        return
+    rows = [r for r in csv.reader(path.open()) if r and int(r[0]) <= step]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", required=True)
@@ -143,7 +154,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learning-starts", type=int, default=10_000)
     p.add_argument("--snapshot-every", type=int, default=10_000)
-    p.add_argument("--checkpoint-every", type=int, default=50_000)
+    p.add_argument("--checkpoint-every", type=int, default=20_000)
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true")
@@ -178,6 +189,7 @@ def main() -> None:
     else:
         model = SAC("MlpPolicy", env, learning_starts=args.learning_starts, seed=args.seed, verbose=0)
         done = 0
+    trim_curve(args.out / "curve.csv", done)
     model.learn(args.steps - done, callback=Snapshots(args, args.out), reset_num_timesteps=not args.resume)
     model.save(ckpt)
 

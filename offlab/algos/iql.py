@@ -116,6 +116,8 @@ class IQL:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.updates = 0
+        # act(deterministic=False) samples the Gaussian policy: an online phase explores with it, not added noise
+        self.stochastic_policy = True
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:

@@ -162,8 +162,6 @@ class PRDC:
     Config: ClassVar[type] = PRDCConfig
 
     def __init__(self, config: PRDCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
-        if spec.data is None:
-            raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         if config.nn_search not in SEARCHES:
             raise ConfigError(f"nn_search '{config.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
         if config.k != 1:
@@ -189,13 +187,17 @@ class PRDC:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.updates = 0
-        search = config.nn_search
-        if search == "auto":
-            search = "exact" if self.device.type == "cuda" else "kdtree"
-        data = spec.data
-        with torch.no_grad():
-            norm_obs = self.normalizer(data.obs.to(self.device)).cpu()
-        self.nearest_dataset_action = NearestDatasetAction(norm_obs, data.action, config.beta, search, self.device)
+        # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
+        # state, e.g. the MLflow pyfunc model) the learner can act but not update.
+        self.nearest_dataset_action: NearestDatasetAction | None = None
+        if spec.data is not None:
+            search = config.nn_search
+            if search == "auto":
+                search = "exact" if self.device.type == "cuda" else "kdtree"
+            with torch.no_grad():
+                norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
+            self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
+                                                               self.device)
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -205,6 +207,8 @@ class PRDC:
 
     def update(self, batch) -> dict[str, float]:
         cfg = self.cfg
+        if self.nearest_dataset_action is None:
+            raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         critic_loss = td3_critic_loss(
             self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2, batch.terminated,
