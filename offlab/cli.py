@@ -241,6 +241,8 @@ def fit_cmd(
     config: Path | None = typer.Option(None, "--config", help="A run file (YAML); --set and flags override it."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the run with this MLflow run id."),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    ope: str | None = typer.Option(None, "--ope", help="Estimate the final policy's value off-policy, e.g. "
+                                   "--ope fqe,mb (logged as ope/<estimator>; see `offlab ope`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
 ):
     """Train a learner on a dataset, tracked in MLflow (see `offlab algos` for learners and settings)."""
@@ -253,7 +255,7 @@ def fit_cmd(
 
     if resume:
         given = {"--algo": algo, "--steps": steps, "--seed": seed, "--eval-every": eval_every,
-                 "--eval-episodes": eval_episodes, "--online-steps": online_steps, "--config": config}
+                 "--eval-episodes": eval_episodes, "--online-steps": online_steps, "--config": config, "--ope": ope}
         extra = [k for k, v in given.items() if v is not None] + (["--set"] if sets else [])
         if extra:
             raise OfflabError(f"--resume keeps the run's own config; drop {', '.join(extra)} (only --dataset and "
@@ -261,7 +263,7 @@ def fit_cmd(
         result = training.resume(resume, dataset=dataset, device=device, progress=not as_json, on_start=announce)
     else:
         flags = {"dataset": dataset, "algo": algo, "steps": steps, "seed": seed, "eval_every": eval_every,
-                 "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device}
+                 "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device, "ope": ope}
         run, _ = resolve_run(config, flags, sets)
         result = training.fit(run, progress=not as_json, on_start=announce)
     if as_json:
@@ -277,6 +279,11 @@ def fit_cmd(
         else:
             console.print(f"[green]{result.run_name}[/green] on {result.dataset}: {result.step:,} steps, {shown}; "
                           f"run {result.run_id} in {result.tracking_uri} (`offlab ui` to browse)")
+            for name, est in (result.ope or {}).items():
+                norm = est.get("normalized")
+                lo, hi = est["ci"]
+                console.print(f"  ope/{name}: {est['value']:.2f} [{lo:.2f}, {hi:.2f}]"
+                              + (f", normalised {norm:.1f}" if norm is not None else ""))
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -73,6 +73,10 @@ class RunConfig:
     """torch CPU threads (0: torch's default); 1 avoids oversubscription when runs share the machine."""
     dataset_quality: bool = True
     """Log the dataset's quality metrics (quality/*, TQ and diagnostics) on the run; seconds on large datasets."""
+    ope: str = ""
+    """Off-policy estimators to run on the final policy, e.g. fqe,mb (logged as ope/<estimator>; empty: none)."""
+    ope_updates: int = 0
+    """Gradient updates of FQE, the dynamics ensemble and the behaviour density for `ope` (0: their defaults)."""
     algo_settings: dict[str, Any] = field(default_factory=dict)
     """The learner's settings that differ from its defaults (see `offlab algos`)."""
 
@@ -96,7 +100,7 @@ class RunConfig:
             raise ConfigError("no dataset given; pass --dataset NAME or put `dataset:` in the config file")
         if not self.algo:
             raise ConfigError("no learner given; pass --algo NAME or put `algo:` in the config file (see `offlab algos`)")
-        for name in ("steps", "online_steps", "eval_every", "eval_episodes", "threads"):
+        for name in ("steps", "online_steps", "eval_every", "eval_episodes", "threads", "ope_updates"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "online_buffer_size"):
@@ -110,6 +114,10 @@ class RunConfig:
             raise ConfigError(f"device '{self.device}' is not one of auto, cpu, cuda")
         if self.total_steps < 1:
             raise ConfigError("steps + online_steps must be at least 1")
+        if self.ope:
+            from offlab.evaluation.ope.runner import parse_estimators
+
+            parse_estimators(self.ope)  # an unknown estimator fails now, not after training
         return self
 
 

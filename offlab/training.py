@@ -351,6 +351,7 @@ class FitResult:
     final_eval: dict[str, Any] | None = None
     model_uri: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    ope: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -701,6 +702,8 @@ def _train(trainer: Trainer) -> FitResult:
         else:
             example = trainer.dataset.obs[:2]
             result.model_uri = tracker.log_policy(policy_file, example, trainer.spec.action_dim)
+        if run.ope:
+            result.ope = _end_of_training_ope(trainer)
         tracker.end("FINISHED")
         result.final_eval = _final_eval(trainer)
         return result
@@ -718,6 +721,28 @@ def _warn(message: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def _end_of_training_ope(trainer: Trainer) -> dict[str, Any]:
+    """`--ope`: estimate the final policy's value on the training data and log ope/<estimator> on the run."""
+    from dataclasses import replace
+
+    from offlab.evaluation.ope import runner as ope
+    from offlab.evaluation.ope.behavior import BehaviorConfig
+    from offlab.evaluation.ope.fqe import FQEConfig
+    from offlab.evaluation.ope.model_based import ModelBasedConfig
+
+    run = trainer.run
+    fqe, mb, behavior = FQEConfig(seed=run.seed), ModelBasedConfig(seed=run.seed), BehaviorConfig(seed=run.seed)
+    if run.ope_updates:
+        fqe = replace(fqe, updates=run.ope_updates)
+        mb = replace(mb, dynamics=replace(mb.dynamics, max_updates=run.ope_updates, seed=run.seed))
+        behavior = replace(behavior, steps=run.ope_updates)
+    result = ope.estimate(trainer.learner, trainer.dataset, run.ope, fqe=fqe, mb=mb, behavior_config=behavior,
+                          seed=run.seed, device=str(trainer.device), progress=trainer.progress)
+    ope.log_estimates(trainer.tracker.run_id, result, step=trainer.step, tracking_uri=trainer.tracker.uri)
+    return {name: {k: r.get(k) for k in ("value", "ci", "normalized", "normalized_ci")}
+            for name, r in result["estimates"].items()}
 
 
 def _final_eval(trainer: Trainer) -> dict[str, Any] | None:

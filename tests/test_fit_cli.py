@@ -66,7 +66,8 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
     (["--dataset", TINY, "--algo", "td3bc", "--set", "actor_lrr=1e-4"],
      ["unknown setting 'actor_lrr'", "did you mean 'actor_lr'", "valid keys:", "critic_lr"]),
     (["--dataset", TINY, "--algo", "td3bc", "--set", "alpha=strong"], ["'alpha' expects float, got 'strong'"]),
-], ids=["unknown-algo", "unknown-dataset", "unknown-set-key", "wrong-set-type"])
+    (["--dataset", TINY, "--algo", "td3bc", "--ope", "fqe,pdsi"], ["unknown estimator 'pdsi'", "did you mean 'pdis'"]),
+], ids=["unknown-algo", "unknown-dataset", "unknown-set-key", "wrong-set-type", "unknown-ope-estimator"])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     one_line_error(run_cli("fit", *args, *FAST), *fragments)
 

@@ -161,3 +161,31 @@ def test_iql_decays_its_actor_lr_over_the_runs_steps_unless_set():
     assert run.algo_settings["max_steps"] == 1234
     run, _ = resolve_run(None, {"dataset": TINY, "algo": "iql", "steps": 1234}, ["max_steps=99"])
     assert run.algo_settings["max_steps"] == 99
+
+
+def test_fit_with_ope_logs_the_estimates_on_the_training_run(hopper_random):
+    """`offlab fit ... --ope fqe,wpdis`: the final policy's estimates land on the run as ope/<estimator> at the
+    last step, the same numbers `offlab ope` computes for that learner with the same budget and seed."""
+    from offlab.data.store import write_dataset
+    from offlab.evaluation.ope import runner as ope
+    from offlab.evaluation.ope.fqe import FQEConfig
+
+    # without reference scores no normalisation runs, which would roll out 200 simulator episodes for references
+    data = hopper_random.with_card(name="hopper-noref", ref_min_score=None, ref_max_score=None)
+    write_dataset(data, "hopper-noref")
+    run, _ = resolve_run(None, {"dataset": "hopper-noref", "algo": "bc", "steps": 30, "eval_episodes": 0,
+                                "seed": 2, "ope": "fqe,wpdis"},
+                         ["hidden=16", "dataset_quality=false", "ope_updates=40"])
+    result = training.fit(run, progress=False)
+    assert set(result.ope) == {"fqe", "wpdis"}
+    got = MlflowClient().get_run(result.run_id)
+    [fqe_metric] = MlflowClient().get_metric_history(result.run_id, "ope/fqe")
+    assert fqe_metric.step == 30 and fqe_metric.value == pytest.approx(result.ope["fqe"]["value"])
+    lo, hi = result.ope["wpdis"]["ci"]
+    assert got.data.metrics["ope/wpdis_ci_lo"] == pytest.approx(lo) and got.data.metrics["ope/wpdis_ci_hi"] == pytest.approx(hi)
+    assert result.ope["fqe"]["normalized"] is None
+    assert got.data.tags["ope.estimators"] == "fqe,wpdis" and got.info.status == "FINISHED"
+    learner = training.load_policy(training.run_dir(result.run_id) / "policy.pt")
+    again = ope.estimate(learner, data, "fqe", fqe=FQEConfig(updates=40, seed=2), seed=2)
+    assert got.data.tags["ope.behavior"].startswith("fit")  # no logged behaviour density: one was fitted
+    assert again["estimates"]["fqe"]["value"] == pytest.approx(result.ope["fqe"]["value"], rel=1e-5)
