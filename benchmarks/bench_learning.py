@@ -1,0 +1,191 @@
+"""Learning benchmark: offlab's learners on built D4RL-style datasets, curves and final scores (run by hand).
+
+    python benchmarks/bench_learning.py run --dataset hopper-medium --algos td3bc,prdc,bc,iql --seeds 0,1 --steps 200000
+    python benchmarks/bench_learning.py report            # benchmarks/learning.md table + benchmarks/learning.png
+
+Every (dataset, algo, seed) is one ordinary `offlab fit` run (paper defaults for the dataset, evaluation every
+--eval-every steps with --eval-episodes episodes), tracked in the MLflow store of OFFLAB_BENCH_HOME
+(default ~/.offlab-bench, outside the repo). A run that finished is skipped; one that was interrupted is resumed
+with `offlab fit --resume` semantics, bit-exact, so the script can be killed and restarted at any time.
+Each finished run's evaluation curve is copied to benchmarks/learning/<dataset>/<algo>-s<seed>.csv (small,
+committed), which is all `report` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CURVES = HERE / "learning"
+
+# Published D4RL -v2 normalised scores (1M steps; mean over seeds), from the papers' tables (ALGORITHMS.md):
+# BC and IQL from Kostrikov et al. 2022 (Table 1), TD3+BC from Fujimoto & Gu 2021 (Table 1),
+# PRDC from Ran et al. 2023 (Table 1).
+PUBLISHED = {
+    "hopper-medium": {"bc": 52.9, "td3bc": 59.3, "iql": 66.3, "prdc": 100.3},
+    "walker2d-medium": {"bc": 75.3, "td3bc": 83.7, "iql": 78.3, "prdc": 85.2},
+    "halfcheetah-medium": {"bc": 42.6, "td3bc": 48.3, "iql": 47.4, "prdc": 63.5},
+}
+
+
+def bench_home() -> Path:
+    home = Path(os.environ.get("OFFLAB_BENCH_HOME", Path.home() / ".offlab-bench"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def use_bench_stores() -> None:
+    home = bench_home()
+    os.environ.setdefault("OFFLAB_HOME", str(home))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    os.chdir(home)  # the local MLflow artifact folder lands here too
+
+
+def find_run(dataset: str, algo: str, seed: int, steps: int):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(dataset)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.algo = '{algo}' and tags.seed = '{seed}' "
+                                                   f"and params.steps = '{steps}'", order_by=["start_time DESC"])
+    return runs[0] if runs else None
+
+
+def save_curve(run_id: str, dataset: str, algo: str, seed: int, seconds: float | None) -> Path:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    ret = {m.step: m.value for m in client.get_metric_history(run_id, "eval/return")}
+    se = {m.step: m.value for m in client.get_metric_history(run_id, "eval/return_se")}
+    score = {m.step: m.value for m in client.get_metric_history(run_id, "eval/normalized_score")}
+    out = CURVES / dataset / f"{algo}-s{seed}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "return", "return_se", "normalized_score"])
+        for step in sorted(ret):
+            w.writerow([step, f"{ret[step]:.2f}", f"{se.get(step, float('nan')):.2f}", f"{score.get(step, float('nan')):.2f}"])
+    tmp.replace(out)
+    meta = out.with_suffix(".json")
+    info = client.get_run(run_id)
+    meta.write_text(json.dumps({"run_id": run_id, "dataset": dataset, "algo": algo, "seed": seed,
+                                "dataset_hash": info.data.tags.get("dataset_hash"),
+                                "git_commit": info.data.tags.get("git_commit"),
+                                "wall_seconds": seconds, "params": dict(info.data.params)}, indent=1, sort_keys=True))
+    return out
+
+
+def run(args) -> None:
+    use_bench_stores()
+    import torch
+
+    from offlab import training
+    from offlab.config import resolve_run
+    from offlab.data import registry
+
+    torch.set_num_threads(1)
+    registry.get(args.dataset, progress=True)  # build it once, up front
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for algo in args.algos.split(","):
+            done = find_run(args.dataset, algo, seed, args.steps)
+            t0 = time.time()
+            if done is not None and done.info.status == "FINISHED":
+                print(f"{algo}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
+                save_curve(done.info.run_id, args.dataset, algo, seed, None)
+                continue
+            if done is not None:
+                print(f"{algo}-s{seed}: resuming {done.info.run_id}", flush=True)
+                result = training.resume(done.info.run_id, progress=False)
+            else:
+                sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", "threads=1",
+                        "checkpoint_every=10000"]
+                cfg, _ = resolve_run(None, {"dataset": args.dataset, "algo": algo, "steps": args.steps, "seed": seed},
+                                     sets)
+                print(f"{algo}-s{seed}: training {args.steps} steps on {args.dataset}", flush=True)
+                result = training.fit(cfg, progress=False)
+            if result.interrupted:
+                return
+            path = save_curve(result.run_id, args.dataset, algo, seed, time.time() - t0)
+            print(f"{algo}-s{seed}: {result.final_eval} in {time.time() - t0:.0f} s -> {path}", flush=True)
+
+
+def read_curves() -> dict[str, dict[str, dict[int, list[tuple[int, float, float]]]]]:
+    out: dict = {}
+    for f in sorted(CURVES.glob("*/*.csv")):
+        algo, seed = f.stem.rsplit("-s", 1)
+        rows = [(int(r["step"]), float(r["normalized_score"]), float(r["return"])) for r in csv.DictReader(f.open())]
+        out.setdefault(f.parent.name, {}).setdefault(algo, {})[int(seed)] = rows
+    return out
+
+
+def report(args) -> None:
+    import numpy as np
+
+    curves = read_curves()
+    lines = ["| dataset | learner | seeds | steps | final score (mean ± sd over seeds) | last-5-evals mean | "
+             "best eval | published (1M steps) |", "|---|---|---|---|---|---|---|---|"]
+    for dataset, algos in curves.items():
+        for algo in ("bc", "td3bc", "iql", "prdc"):
+            if algo not in algos:
+                continue
+            runs = algos[algo]
+            finals = [r[-1][1] for r in runs.values()]
+            last5 = [np.mean([x[1] for x in r[-5:]]) for r in runs.values()]
+            best = [max(x[1] for x in r) for r in runs.values()]
+            steps = min(r[-1][0] for r in runs.values())
+            sd = f" ± {np.std(finals, ddof=1):.1f}" if len(finals) > 1 else ""
+            lines.append(f"| {dataset} | {algo} | {len(runs)} | {steps:,} | {np.mean(finals):.1f}{sd} | "
+                         f"{np.mean(last5):.1f} | {np.mean(best):.1f} | {PUBLISHED.get(dataset, {}).get(algo, '-')} |")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    colors = {"bc": "tab:gray", "td3bc": "tab:blue", "iql": "tab:green", "prdc": "tab:red"}
+    for ax, (dataset, algos) in zip(axes[0], curves.items(), strict=True):
+        for algo, runs in sorted(algos.items()):
+            for i, (seed, rows) in enumerate(sorted(runs.items())):
+                steps = [r[0] for r in rows]
+                ax.plot(steps, [r[1] for r in rows], color=colors.get(algo), alpha=0.85,
+                        ls="-" if i == 0 else "--", label=f"{algo} s{seed}")
+            if algo in PUBLISHED.get(dataset, {}):
+                ax.axhline(PUBLISHED[dataset][algo], color=colors.get(algo), lw=0.8, ls=":")
+        ax.set_title(f"{dataset} (dotted: published at 1M steps)")
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("D4RL-normalised score")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"figure: {args.png}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--dataset", default="hopper-medium")
+    r.add_argument("--algos", default="td3bc,prdc,bc,iql")
+    r.add_argument("--seeds", default="0,1")
+    r.add_argument("--steps", type=int, default=200_000)
+    r.add_argument("--eval-every", type=int, default=10_000)
+    r.add_argument("--eval-episodes", type=int, default=10)
+    r.set_defaults(fn=run)
+    s = sub.add_parser("report")
+    s.add_argument("--png", type=Path, default=HERE / "learning.png")
+    s.set_defaults(fn=report)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
