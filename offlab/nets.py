@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,6 +221,23 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def learner_state(learner: Any, parts: Sequence[str]) -> dict[str, Any]:
+    """A learner's resumable state: the named modules' and optimisers' state dicts, its update counter and
+    its generator's state (every learner keeps `updates` and `generator`)."""
+    state = {name: getattr(learner, name).state_dict() for name in parts}
+    state["updates"] = learner.updates
+    state["generator"] = learner.generator.get_state()
+    return state
+
+
+def load_learner_state(learner: Any, state: dict[str, Any], parts: Sequence[str]) -> None:
+    """The inverse of `learner_state`."""
+    for name in parts:
+        getattr(learner, name).load_state_dict(state[name])
+    learner.updates = int(state["updates"])
+    learner.generator.set_state(state["generator"].cpu())
 
 
 @torch.no_grad()

@@ -27,7 +27,15 @@ import torch
 
 from offlab.algos.base import LearnerSpec, register
 from offlab.errors import ConfigError
-from offlab.nets import DeterministicActor, Normalizer, TanhGaussianActor, act_on_numpy, take_step
+from offlab.nets import (
+    DeterministicActor,
+    Normalizer,
+    TanhGaussianActor,
+    act_on_numpy,
+    learner_state,
+    load_learner_state,
+    take_step,
+)
 
 
 @dataclass
@@ -126,14 +134,10 @@ class BC:
         return act_on_numpy(lambda o: self._policy(o, deterministic), obs, self.device,
                             self.spec.action_low, self.spec.action_high)
 
+    STATE_PARTS = ("actor", "normalizer", "optimizer")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "normalizer": self.normalizer.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "updates": self.updates,
-                "generator": self.generator.get_state()}
+        return learner_state(self, self.STATE_PARTS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.actor.load_state_dict(state["actor"])
-        self.normalizer.load_state_dict(state["normalizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates = int(state["updates"])
-        self.generator.set_state(state["generator"].cpu())
+        load_learner_state(self, state, self.STATE_PARTS)

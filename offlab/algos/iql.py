@@ -40,6 +40,8 @@ from offlab.nets import (
     ValueNet,
     act_on_numpy,
     freeze,
+    learner_state,
+    load_learner_state,
     polyak,
     take_step,
 )
@@ -172,19 +174,11 @@ class IQL:
             obs, self.device, self.spec.action_low, self.spec.action_high,
         )
 
+    STATE_PARTS = ("actor", "critic", "critic_target", "value", "actor_opt", "critic_opt", "value_opt", "normalizer")
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
-            "critic_target": self.critic_target.state_dict(), "value": self.value.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict(), "normalizer": self.normalizer.state_dict(),
-            "reward_scale": self.reward_scale, "updates": self.updates, "generator": self.generator.get_state(),
-        }
+        return learner_state(self, self.STATE_PARTS) | {"reward_scale": self.reward_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("actor", "critic", "critic_target", "value", "actor_opt", "critic_opt", "value_opt",
-                    "normalizer"):
-            getattr(self, key).load_state_dict(state[key])
+        load_learner_state(self, state, self.STATE_PARTS)
         self.reward_scale = float(state["reward_scale"])
-        self.updates = int(state["updates"])
-        self.generator.set_state(state["generator"].cpu())

@@ -29,6 +29,8 @@ from offlab.nets import (
     Normalizer,
     act_on_numpy,
     freeze,
+    learner_state,
+    load_learner_state,
     polyak,
     take_step,
 )
@@ -134,17 +136,10 @@ class TD3BC:
         return act_on_numpy(lambda o: self.actor(self.normalizer(o)), obs, self.device,
                             self.spec.action_low, self.spec.action_high)
 
+    STATE_PARTS = ("actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt", "normalizer")
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
-            "actor_target": self.actor_target.state_dict(), "critic_target": self.critic_target.state_dict(),
-            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-            "normalizer": self.normalizer.state_dict(), "updates": self.updates,
-            "generator": self.generator.get_state(),
-        }
+        return learner_state(self, self.STATE_PARTS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt", "normalizer"):
-            getattr(self, key).load_state_dict(state[key])
-        self.updates = int(state["updates"])
-        self.generator.set_state(state["generator"].cpu())
+        load_learner_state(self, state, self.STATE_PARTS)
