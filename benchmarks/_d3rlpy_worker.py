@@ -7,7 +7,12 @@ driver sends one JSON object per line; the worker answers each with one line `@@
 original stdout (everything d3rlpy prints goes to stderr):
 
     {"cmd": "setup", "npz": PATH, "algos": [...], "steps": N, "warmup": W, "seed": S, "batch": 256}
-    {"cmd": "round", "algo": "td3bc", "what": "update" | "sample"}  -> {"wall": s, "cpu": s, "n": N}
+    {"cmd": "round", "algo": "td3bc", "what": "update" | "sample" | "fit"}  -> {"wall": s, "cpu": s, "n": N}
+
+`update`: algo.update on the pre-drawn batches; `sample`: sample_transition_batch alone; `fit`:
+algo.fit(n_steps=N + 1) with logging off (NoopAdapterFactory, no progress bar), timed from the end
+of its first step to the end of its last (the callback runs after each step), so the scaler refit
+and logger setup before the loop are not counted: d3rlpy's own loop, sampling included.
     {"cmd": "quit"}
 
 Settings are the papers' defaults as in offlab (256-256 MLPs, batch 256, Adam, lr 3e-4):
@@ -117,6 +122,22 @@ def main() -> None:
                    "transitions": int(dataset.transition_count)})
         elif cmd == "round":
             batches = state["batches"]
+            if msg["what"] == "fit":
+                from d3rlpy.logging import NoopAdapterFactory
+
+                algo, n = state["algos"][msg["algo"]], len(batches)
+                marks = {}
+
+                def mark(_algo, _epoch, step, marks=marks, n=n):
+                    if step == 1:
+                        marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
+                    elif step == n + 1:
+                        marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
+
+                algo.fit(state["dataset"], n_steps=n + 1, n_steps_per_epoch=n + 1, show_progress=False,
+                         logger_adapter=NoopAdapterFactory(), save_interval=10**9, callback=mark)
+                reply({"wall": marks["t1"] - marks["t0"], "cpu": marks["c1"] - marks["c0"], "n": n})
+                continue
             if msg["what"] == "sample":
                 ds, b = state["dataset"], state["batch"]
                 t0, c0 = time.perf_counter(), time.process_time()

@@ -1,9 +1,9 @@
 """offlab vs d3rlpy 2.8.1: updates/s of BC, TD3+BC, IQL and PRDC on the same data, side by side (run by hand).
 
     . .venv/bin/activate
-    python benchmarks/bench_d3rlpy.py                       # ~10 minutes on a busy 2-core machine
+    python benchmarks/bench_d3rlpy.py                       # ~5 minutes on a busy 2-core machine (+1-2 to build data)
     python benchmarks/bench_d3rlpy.py --rounds 3 --steps 200 --json /tmp/d3rlpy_speed.json
-    python benchmarks/bench_d3rlpy.py --prototypes          # also offlab TD3+BC variants (see PROTOTYPES)
+    python benchmarks/bench_d3rlpy.py --algos td3bc --prototypes lean+vecdot+fused,lean+vecdot+fused+compile
 
 d3rlpy lives in its own venv (default /work/d3rlpy-venv; `--d3rlpy-python`) and runs in a worker
 subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
@@ -20,7 +20,11 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
   as the training loop samples; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
   d3rlpy's `update` converts to tensors, so that conversion counts as update time). Sampling a batch
-  is timed on its own (`sample` row): a training-loop step costs sample + update.
+  is timed on its own (`sample` row): a training-loop step costs sample + update. The TD3+BC loop
+  row times offlab's sample-then-update loop against d3rlpy's own `fit()` loop (logging off, no
+  progress bar; timed inside fit from the end of its first step to the end of its last).
+- Prototypes (`--prototypes`, see `prototype_td3bc`): offlab TD3+BC with proposed changes to its
+  update, timed in the same rounds, to show what would reach a 2x speed-up; offlab/ is not changed.
 - Every learner first runs `--warmup` untimed updates (allocator, first-call costs; PRDC's search is
   slowest while pi(s) is far from the data). Then rounds interleave the two libraries (offlab then
   d3rlpy, then d3rlpy then offlab, ...) so a busy machine slows both alike. Reported: the median
@@ -232,9 +236,10 @@ def main() -> None:
     p.add_argument("--algos", default="bc,td3bc,iql,prdc")
     p.add_argument("--steps", type=int, default=300, help="updates per learner per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=300, help="untimed updates per learner before the rounds")
-    p.add_argument("--prototypes", nargs="?", const="lean,lean+fused,lean+fused+bf16", default="",
-                   help="offlab TD3+BC variants to time beside the rest (comma-separated; see prototype_td3bc)")
+    p.add_argument("--warmup", type=int, default=500, help="untimed updates per learner before the rounds")
+    p.add_argument("--prototypes", default="lean,lean+vecdot,lean+vecdot+fused,lean+vecdot+fused+bf16",
+                   help="offlab TD3+BC variants timed beside the rest (comma-separated, '' for none; see "
+                        "prototype_td3bc)")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
 
@@ -281,14 +286,18 @@ def main() -> None:
     def offlab_round(name: str) -> tuple[float, float]:
         if name == "sample":
             return timed(lambda: [data.sample(256, gen) for _ in range(args.steps)], args.steps)
+        if name.startswith("loop:"):  # the training loop's step: sample a batch, update
+            learner = learners[name[5:]]
+            return timed(lambda: [learner.update(data.sample(256, gen)) for _ in range(args.steps)], args.steps)
         learner = learners[name]
         return timed(lambda: [learner.update(b) for b in batches], args.steps)
 
     def d3rlpy_round(name: str) -> tuple[float, float]:
-        r = worker.call({"cmd": "round", "algo": name, "what": "sample" if name == "sample" else "update"})
+        what = "sample" if name == "sample" else "fit" if name.startswith("loop:") else "update"
+        r = worker.call({"cmd": "round", "algo": name.removeprefix("loop:"), "what": what})
         return r["wall"] / r["n"], r["cpu"] / r["n"]
 
-    rows = ["sample", *algos]
+    rows = ["sample", *algos] + (["loop:td3bc"] if "td3bc" in algos else [])
     res = {(lib, k): {"wall": [], "cpu": []} for k in [*rows, *learners] for lib in ("offlab", "d3rlpy")}
     load = [os.getloadavg()]
     t_start = time.perf_counter()
@@ -330,12 +339,13 @@ def main() -> None:
     print("|" + "---|" * 7)
     for k in rows:
         o, d = summary[f"offlab/{k}"], summary[f"d3rlpy/{k}"]
-        label = "sample a batch" if k == "sample" else LABELS.get(k, k)
+        label = {"sample": "sample a batch", "loop:td3bc": "TD3+BC loop step (offlab sample+update; d3rlpy fit)"
+                 }.get(k, LABELS.get(k, k))
         cpu_r, wall_r = ratio(("d3rlpy", k), ("offlab", k), "cpu"), ratio(("d3rlpy", k), ("offlab", k), "wall")
         summary[f"ratio/{k}"] = {"cpu": cpu_r, "wall": wall_r}
         print(f"| {label} | {o['updates_per_s']:.0f} | {d['updates_per_s']:.0f} | {o['cpu_ms']:.2f} | "
               f"{d['cpu_ms']:.2f} | **{cpu_r:.2f}x** | {wall_r:.2f}x |")
-    for k in rows[1:]:  # one training-loop step: sample + update
+    for k in algos:  # one training-loop step: sample + update, from the rows above
         o = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
         d = summary["d3rlpy/sample"]["cpu_ms"] + summary[f"d3rlpy/{k}"]["cpu_ms"]
         summary[f"loop/{k}"] = {"offlab_cpu_ms": o, "d3rlpy_cpu_ms": d, "ratio": d / o}
@@ -349,8 +359,14 @@ def main() -> None:
             summary[f"offlab_vs_td3bc/{k}"] = {"cpu": r_cpu, "wall": r_wall}
             extra = ""
             if k.startswith("td3bc[") and "td3bc" in algos:
-                extra = (f"; d3rlpy TD3+BC / this: {ratio(('d3rlpy', 'td3bc'), ('offlab', k), 'cpu'):.2f}x cpu, "
-                         f"{ratio(('d3rlpy', 'td3bc'), ('offlab', k), 'wall'):.2f}x wall")
+                loop = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
+                summary[f"d3rlpy_vs/{k}"] = {
+                    "cpu": ratio(("d3rlpy", "td3bc"), ("offlab", k), "cpu"),
+                    "wall": ratio(("d3rlpy", "td3bc"), ("offlab", k), "wall"),
+                    "fit_vs_sample_update_cpu": summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop}
+                extra = (f"; d3rlpy TD3+BC update / this: {summary[f'd3rlpy_vs/{k}']['cpu']:.2f}x cpu, "
+                         f"{summary[f'd3rlpy_vs/{k}']['wall']:.2f}x wall; d3rlpy fit step / (offlab sample + this): "
+                         f"{summary[f'd3rlpy_vs/{k}']['fit_vs_sample_update_cpu']:.2f}x cpu")
             print(f"offlab {k} / offlab td3bc: {r_cpu:.2f}x cpu, {r_wall:.2f}x wall "
                   f"({summary[f'offlab/{k}']['cpu_ms']:.2f} cpu ms/update){extra}")
     if args.json:

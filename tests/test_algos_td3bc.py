@@ -170,3 +170,30 @@ def test_paper_defaults():
         2.5, 2, 0.2, 0.5, 0.005, 0.99)
     assert (cfg.actor_lr, cfg.critic_lr, cfg.hidden) == (3e-4, 3e-4, (256, 256))
     assert TD3BC.defaults_for("hopper-medium") == {}
+
+
+def test_actor_step_uses_q1_alone_and_leaves_the_critic_untouched(hopper_data):
+    """The actor loss goes through Q1 only (TD3), computed on member 0's weights alone, and records no critic
+    gradient: after an actor step the critic's gradients are those of its own step, bit for bit."""
+    from offlab.nets import VectorizedLinear
+
+    learner = make(hopper_data, policy_freq=1)
+    batch = hopper_data.sample(32, torch.Generator().manual_seed(0))
+    s = learner.normalizer(batch.obs)
+    with torch.no_grad():
+        both = learner.critic(s, batch.action)
+        for i in range(2):
+            torch.testing.assert_close(learner.critic.member(s, batch.action, i), both[i], rtol=1e-5, atol=1e-5)
+    head = next(m for m in learner.critic.modules() if isinstance(m, VectorizedLinear) and m.weight.shape[-1] == 1)
+    x = torch.randn(2, 5, head.weight.shape[1])
+    torch.testing.assert_close(head(x), torch.baddbmm(head.bias, x, head.weight), rtol=1e-5, atol=1e-5)
+
+    no_actor = copy.deepcopy(learner)
+    no_actor.cfg = copy.copy(learner.cfg)
+    no_actor.cfg.policy_freq = 10**9
+    learner.update(batch)  # critic step, then (policy_freq 1) the actor step
+    no_actor.update(batch)  # the same critic step alone
+    assert not same(params(learner.actor), params(no_actor.actor))  # the actor did step
+    # the critic's gradients are its own step's: the actor's backward added nothing to them
+    assert same([p.grad for p in learner.critic.parameters()], [p.grad for p in no_actor.critic.parameters()])
+    assert all(p.requires_grad for p in learner.critic.parameters())

@@ -32,6 +32,7 @@ from offlab.nets import (
     Normalizer,
     TanhGaussianActor,
     act_on_numpy,
+    adam,
     learner_state,
     load_learner_state,
     take_step,
@@ -99,7 +100,7 @@ class BC:
             self.normalizer = Normalizer.identity(spec.obs_dim)
         self.actor.to(self.device)
         self.normalizer.to(self.device)
-        self.optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = adam(self.actor.parameters(), config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.updates = 0

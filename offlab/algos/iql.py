@@ -39,6 +39,7 @@ from offlab.nets import (
     Normalizer,
     ValueNet,
     act_on_numpy,
+    adam,
     freeze,
     learner_state,
     load_learner_state,
@@ -111,9 +112,9 @@ class IQL:
             self.normalizer = Normalizer.identity(spec.obs_dim)
         for net in (self.actor, self.critic, self.critic_target, self.value, self.normalizer):
             net.to(self.device)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.value_lr)
+        self.actor_opt = adam(self.actor.parameters(), config.actor_lr)
+        self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
+        self.value_opt = adam(self.value.parameters(), config.value_lr)
         self.reward_scale = return_range_reward_scale(spec.episode_returns) if config.scale_rewards else 1.0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)

@@ -28,7 +28,9 @@ from offlab.nets import (
     EnsembleCritic,
     Normalizer,
     act_on_numpy,
+    adam,
     freeze,
+    grads_off,
     learner_state,
     load_learner_state,
     polyak,
@@ -94,8 +96,8 @@ class TD3BC:
             self.normalizer = Normalizer.identity(spec.obs_dim)
         for net in (self.actor, self.critic, self.actor_target, self.critic_target, self.normalizer):
             net.to(self.device)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
+        self.actor_opt = adam(self.actor.parameters(), config.actor_lr)
+        self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.updates = 0
@@ -120,11 +122,12 @@ class TD3BC:
         metrics = {"train/critic_loss": critic_loss.item()}
 
         if self.updates % cfg.policy_freq == 0:  # delayed actor and target update
-            pi = self.actor(s)
-            q = self.critic(s, pi)[0]  # Q1(s, pi(s))
-            # -lambda * mean Q + mean ||pi(s) - a||^2, lambda = alpha / mean|Q| detached
-            actor_loss, bc = q_normalised_bc_actor_loss(q, pi, a, cfg.alpha)
-            take_step(self.actor_opt, actor_loss)
+            with grads_off(self.critic):  # the actor loss trains the actor only
+                pi = self.actor(s)
+                q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
+                # -lambda * mean Q + mean ||pi(s) - a||^2, lambda = alpha / mean|Q| detached
+                actor_loss, bc = q_normalised_bc_actor_loss(q, pi, a, cfg.alpha)
+                take_step(self.actor_opt, actor_loss)
             polyak(self.actor_target, self.actor, cfg.tau)
             polyak(self.critic_target, self.critic, cfg.tau)
             metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": bc.item(),
