@@ -46,9 +46,10 @@ def main() -> None:
         if not registry.buildable(e):
             rows.append({"name": name, "built": False})
             continue
-        t0 = time.perf_counter()
+        load = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         ds = build.build_dataset(name, workers=args.workers, overwrite=True)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         ret = ds.episode_returns()
         ends = (ds.terminated | ds.truncated)[np.r_[ds.episode_starts[1:] - 1, len(ds) - 1]]
         whole = ret[ends]  # episodes cut by a stream's budget are left out of the return statistics
@@ -59,22 +60,37 @@ def main() -> None:
             "normalized_score": float(normalized_score(whole.mean(), e.ref_min_score, e.ref_max_score)),
             "normalized_se": float(100 * se / (e.ref_max_score - e.ref_min_score)),
             "d4rl_score": D4RL_SCORES.get(name), "build_seconds": round(seconds, 1),
+            "build_cpu_seconds": round(cpu, 1), "load_before": round(load, 1), "workers": args.workers,
             "content_hash": ds.card.content_hash,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
             store.delete_dataset(name)
+    # rows of earlier runs (other --names) are kept; this run's rows replace theirs
+    old = json.loads(args.out.read_text()) if args.out.exists() else []
+    merged = {r["name"]: r for r in old} | {r["name"]: r for r in rows}
+    rows = [merged[n] for n in sorted(merged)]
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| dataset | transitions | episodes | mean return | normalised (± se) | D4RL | build s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| dataset | transitions | episodes | mean return | normalised (± se) | D4RL | build s (wall) | "
+          "build s (CPU, all processes) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if not r["built"]:
-            print(f"| {r['name']} | not buildable yet (no shipped policy) | | | | | |")
+            print(f"| {r['name']} | not buildable yet (no shipped policy) | | | | | | |")
             continue
         print(f"| {r['name']} | {r['transitions']:,} | {r['episodes']:,} | {r['return_mean']:.1f} | "
-              f"{r['normalized_score']:.1f} ± {r['normalized_se']:.1f} | {r['d4rl_score']} | {r['build_seconds']} |")
+              f"{r['normalized_score']:.1f} ± {r['normalized_se']:.1f} | {r['d4rl_score']} | {r['build_seconds']} | "
+              f"{r.get('build_cpu_seconds', '')} |")
     plot_curves()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the rollout workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def plot_curves() -> None:
