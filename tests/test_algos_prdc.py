@@ -175,3 +175,15 @@ def test_bad_settings_are_config_errors(hopper_random):
     assert learner.act(hopper_random.obs[:2]).shape == (2, 3)
     with pytest.raises(ConfigError, match="needs the dataset"):
         learner.update(data.sample(4, torch.Generator().manual_seed(0)))
+
+
+def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random):
+    data = Transitions(hopper_random)
+    runs = []
+    for overlap in (True, False):
+        learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap), LearnerSpec.from_transitions(data))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(12):
+            learner.update(data.sample(64, g))
+        runs.append([p.detach().clone() for p in (*learner.actor.parameters(), *learner.critic.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
