@@ -83,6 +83,10 @@ def test_medium_replay_mixes_warmup_and_snapshots_and_medium_expert_is_half_and_
     replay = build.build_dataset("hopper-medium-replay", steps=2000, seed=0, workers=1)
     kinds = replay.card.behavior_policy
     assert kinds["kind"] == "replay" and len(kinds["snapshots"]) >= 1
+    # whole episodes, as in a replay buffer: every episode ends terminated or truncated, none is cut
+    last = np.r_[replay.episode_starts[1:] - 1, len(replay) - 1]
+    assert (replay.terminated | replay.truncated)[last].all()
+    assert len(replay) >= 2000
     me = build.build_dataset("hopper-medium-expert", steps=2000, seed=0, workers=1)
     assert len(me) == 2000
     assert [p["dataset"] for p in me.card.behavior_policy["parts"]] == ["hopper-medium", "hopper-expert"]

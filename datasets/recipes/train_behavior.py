@@ -111,7 +111,8 @@ def export_resume(run: Path, out: Path, with_replay: bool = True) -> None:
         model.load_replay_buffer(run / "ckpt" / "replay.pkl")
         rb = model.replay_buffer
         n = rb.buffer_size if rb.full else rb.pos
-        np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n] for k in REPLAY_FIELDS})
+        # float32 halves the pack (the envs' float64 observations lose nothing SAC's float32 networks see)
+        np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n].astype(np.float32) for k in REPLAY_FIELDS})
     shutil.copy(run / "curve.csv", out / "curve.csv")
     # snapshots: every one up to 300k steps (medium and medium-replay come from there), then every 50k
     snaps = sorted((run / "snapshots").glob("step_*.safetensors"))

@@ -201,12 +201,25 @@ def _load_pyfunc(uri: str):
 
 @dataclass
 class Part:
-    """`steps` transitions from one policy, split over STREAMS streams."""
+    """`steps` transitions from one policy, split over STREAMS streams.
+
+    With `whole_episodes`, a part is a number of complete episodes instead: it uses one stream per
+    `max_episode_steps` of budget (at most STREAMS) and each stream finishes the episode it is in when
+    its budget runs out, so no episode is cut (D4RL's medium-replay holds whole training episodes).
+    """
 
     policy: PolicySource
     steps: int
     noise: float = 0.0
     label: str = ""
+    whole_episodes: bool = False
+
+
+def _part_budgets(part: Part, max_episode_steps: int) -> list[int]:
+    if not part.whole_episodes:
+        return _stream_budgets(part.steps)
+    used = min(STREAMS, max(1, -(-part.steps // max_episode_steps)))
+    return _stream_budgets(part.steps, used) + [0] * (STREAMS - used)
 
 
 def _stream_budgets(steps: int, streams: int = STREAMS) -> list[int]:
@@ -237,10 +250,11 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
     cols: list[dict[str, list]] = [{k: [] for k in ("episode", "step", "obs", "next_obs", "action", "reward",
                                                     "terminated", "truncated", "logp")} for _ in group]
     remaining = np.array([budgets[s] for s in group])
-    while (remaining > 0).any():
+    active = remaining > 0
+    while active.any():
         actions, logp = actor(obs, rngs, part.noise)
         for i, env in enumerate(raw):
-            if remaining[i] <= 0:
+            if not active[i]:
                 continue
             nxt, r, term, _, _ = env.step(actions[i])
             nxt = np.asarray(nxt, np.float32)
@@ -256,6 +270,8 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
                 t[i] = 0
                 if episode_quota is not None and ep[i] >= episode_quota:
                     remaining[i] = 0
+            # a spent budget ends the stream, mid-episode unless the part is whole episodes
+            active[i] = remaining[i] > 0 or (part.whole_episodes and t[i] > 0)
             obs[i] = nxt
     for e in envs:
         e.close()
@@ -273,10 +289,13 @@ def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwa
             progress: Callable[[int], None] | None = None, episode_quota: int | None = None
             ) -> dict[str, np.ndarray]:
     """All parts' transitions as one column dict, in (part, stream) order with dense episode ids."""
+    import gymnasium as gym
+
     env_kwargs = env_kwargs or {}
+    max_episode_steps = env_kwargs.get("max_episode_steps") or gym.spec(env_id).max_episode_steps or 1000
     tasks = []
     for pi, part in enumerate(parts):
-        budgets = _stream_budgets(part.steps)
+        budgets = _part_budgets(part, max_episode_steps)
         for g in range(0, STREAMS, GROUP):
             tasks.append((env_id, env_kwargs, part, seed, pi, list(range(g, g + GROUP)), budgets, episode_quota))
     if workers > 1 and len(tasks) > 1:
@@ -363,9 +382,10 @@ def recipe_parts(name: str, steps: int | None = None) -> tuple[list[Part], dict,
         sizes = [int(r["random_steps"])] + [int(r["steps_per_snapshot"])] * len(snaps)
         if steps is not None:
             sizes = _split_exactly(steps, sizes)
-        parts = [Part(PolicySource("uniform"), sizes[0], label="uniform")]
+        # whole episodes, as a replay buffer holds them; the total is therefore approximately `steps`
+        parts = [Part(PolicySource("uniform"), sizes[0], label="uniform", whole_episodes=True)]
         for p, n in zip(snaps, sizes[1:], strict=True):
-            parts.append(Part(load_policy_file(p), n, label=p.stem))
+            parts.append(Part(load_policy_file(p), n, label=p.stem, whole_episodes=True))
         parts = [p for p in parts if p.steps > 0]
         card = {"kind": "replay", "snapshots": [str(s.relative_to(pol_dir)) for s in snaps],
                 "algorithm": parts[-1].policy.meta.get("algorithm")}
