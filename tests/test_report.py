@@ -256,8 +256,12 @@ def test_built_hopper_datasets_have_the_papers_shape():
     assert min(tq, key=tq.get) == "hopper-random", tq
     assert max(tq, key=tq.get) == "hopper-expert", tq
     single = ("hopper-random", "hopper-medium", "hopper-expert")
-    for section, key in (("saco_h", "saco_h_pd"), ("coverage", "coverage_at_k")):
-        v = {n: q[n][section][key] for n in HOPPER}
-        assert min(single, key=v.get) == "hopper-expert", (key, v)
-        assert v["hopper-medium-replay"] > v["hopper-medium"], (key, v)
+    saco_h = {n: q[n]["saco_h"]["saco_h_pd"] for n in HOPPER}  # the paper's SACo, non-saturating
+    assert min(single, key=saco_h.get) == "hopper-expert", saco_h
+    assert saco_h["hopper-medium-replay"] > saco_h["hopper-medium"], saco_h
+    # coverage@5 is offlab's reference coverage (not the paper's measure): how much of medium-replay each
+    # dataset reaches. Expert reaches less of it than medium; random-action data, whose episodes end within
+    # ~20 steps, reaches as little as expert does (0.116 vs 0.117 at 100k transitions with the shipped policies).
+    cov = {n: q[n]["coverage"]["coverage_at_k"] for n in HOPPER}
+    assert cov["hopper-expert"] < cov["hopper-medium"] < cov["hopper-medium-replay"], cov
     assert q["hopper-medium-replay"]["saco_paper"]["saco"] > q["hopper-medium"]["saco_paper"]["saco"]
