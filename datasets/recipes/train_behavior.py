@@ -99,8 +99,9 @@ class Snapshots(BaseCallback):
 REPLAY_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
-def export_resume(run: Path, out: Path, with_replay: bool = True) -> None:
-    """Pack run/ckpt (model.zip [+ replay.pkl]) into out/ (model.zip [+ replay.npz of the filled rows])."""
+def export_resume(run: Path, out: Path, with_replay: bool = True, replay_rows: int | None = None) -> None:
+    """Pack run/ckpt (model.zip [+ replay.pkl]) into out/ (model.zip [+ replay.npz of the filled rows, or of
+    the most recent `replay_rows` of them])."""
     import shutil
 
     model = SAC.load(run / "ckpt" / "model.zip")
@@ -110,9 +111,14 @@ def export_resume(run: Path, out: Path, with_replay: bool = True) -> None:
     if with_replay:
         model.load_replay_buffer(run / "ckpt" / "replay.pkl")
         rb = model.replay_buffer
-        n = rb.buffer_size if rb.full else rb.pos
+        # rows in the order they were written (oldest first), then the most recent replay_rows of them
+        order = np.r_[rb.pos:rb.buffer_size, 0:rb.pos] if rb.full else np.arange(rb.pos)
+        if replay_rows is not None:
+            order = order[-replay_rows:]
+        n = len(order)
         # float32 halves the pack (the envs' float64 observations lose nothing SAC's float32 networks see)
-        np.savez_compressed(out / "replay.npz", **{k: getattr(rb, k)[:n].astype(np.float32) for k in REPLAY_FIELDS})
+        np.savez_compressed(out / "replay.npz",
+                            **{k: getattr(rb, k)[order].astype(np.float32) for k in REPLAY_FIELDS})
     shutil.copy(run / "curve.csv", out / "curve.csv")
     # snapshots: every one up to 300k steps (medium and medium-replay come from there), then every 50k
     snaps = sorted((run / "snapshots").glob("step_*.safetensors"))
@@ -162,9 +168,11 @@ def main() -> None:
     p.add_argument("--resume-from", type=Path, default=None, help="a pack written by --export-resume")
     p.add_argument("--export-resume", type=Path, default=None, help="pack the latest checkpoint and exit")
     p.add_argument("--no-replay", action="store_true", help="with --export-resume: leave the replay buffer out")
+    p.add_argument("--replay-rows", type=int, default=None,
+                   help="with --export-resume: keep only the most recent N replay rows (a smaller pack)")
     args = p.parse_args()
     if args.export_resume:
-        export_resume(args.out, args.export_resume, with_replay=not args.no_replay)
+        export_resume(args.out, args.export_resume, with_replay=not args.no_replay, replay_rows=args.replay_rows)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe.json").write_text(json.dumps(vars(args), default=str, indent=2))
