@@ -1,6 +1,7 @@
 """Learning benchmark: offlab's learners on built D4RL-style datasets, curves and final scores (run by hand).
 
     python benchmarks/bench_learning.py run --dataset hopper-medium --algos td3bc,prdc,bc,iql --seeds 0,1 --steps 200000
+    python benchmarks/bench_learning.py snapshot          # curves of unfinished runs as *.partial.csv
     python benchmarks/bench_learning.py report            # benchmarks/learning.md table + benchmarks/learning.png
 
 Every (dataset, algo, seed) is one ordinary `offlab fit` run (paper defaults for the dataset, evaluation every
@@ -58,14 +59,14 @@ def find_run(dataset: str, algo: str, seed: int, steps: int):
     return runs[0] if runs else None
 
 
-def save_curve(run_id: str, dataset: str, algo: str, seed: int, seconds: float | None) -> Path:
+def save_curve(run_id: str, dataset: str, algo: str, seed: int, seconds: float | None, partial: bool = False) -> Path:
     from mlflow import MlflowClient
 
     client = MlflowClient()
     ret = {m.step: m.value for m in client.get_metric_history(run_id, "eval/return")}
     se = {m.step: m.value for m in client.get_metric_history(run_id, "eval/return_se")}
     score = {m.step: m.value for m in client.get_metric_history(run_id, "eval/normalized_score")}
-    out = CURVES / dataset / f"{algo}-s{seed}.csv"
+    out = CURVES / dataset / f"{algo}-s{seed}{'.partial' if partial else ''}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
@@ -74,13 +75,30 @@ def save_curve(run_id: str, dataset: str, algo: str, seed: int, seconds: float |
         for step in sorted(ret):
             w.writerow([step, f"{ret[step]:.2f}", f"{se.get(step, float('nan')):.2f}", f"{score.get(step, float('nan')):.2f}"])
     tmp.replace(out)
+    if not partial:
+        for stale in out.parent.glob(f"{algo}-s{seed}.partial.*"):
+            stale.unlink()
     meta = out.with_suffix(".json")
     info = client.get_run(run_id)
     meta.write_text(json.dumps({"run_id": run_id, "dataset": dataset, "algo": algo, "seed": seed,
                                 "dataset_hash": info.data.tags.get("dataset_hash"),
                                 "git_commit": info.data.tags.get("git_commit"),
-                                "wall_seconds": seconds, "params": dict(info.data.params)}, indent=1, sort_keys=True))
+                                "wall_seconds": seconds, "status": info.info.status,
+                                "params": dict(info.data.params)}, indent=1, sort_keys=True))
     return out
+
+
+def snapshot(args) -> None:
+    """Curves of runs that have not finished yet, as <algo>-s<seed>.partial.csv (report shows them dashed)."""
+    use_bench_stores()
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id]):
+            if r.info.status != "FINISHED":
+                tags = r.data.tags
+                print(save_curve(r.info.run_id, exp.name, tags["algo"], int(tags["seed"]), None, partial=True))
 
 
 def run(args) -> None:
@@ -117,10 +135,19 @@ def run(args) -> None:
             print(f"{algo}-s{seed}: {result.final_eval} in {time.time() - t0:.0f} s -> {path}", flush=True)
 
 
+PARTIAL: set[tuple[str, str, int]] = set()  # (dataset, algo, seed) read from a .partial.csv
+
+
 def read_curves() -> dict[str, dict[str, dict[int, list[tuple[int, float, float]]]]]:
     out: dict = {}
     for f in sorted(CURVES.glob("*/*.csv")):
-        algo, seed = f.stem.rsplit("-s", 1)
+        stem = f.name.removesuffix(".csv")
+        if stem.endswith(".partial"):
+            if (f.parent / f"{stem.removesuffix('.partial')}.csv").exists():
+                continue  # finished since
+            stem = stem.removesuffix(".partial")
+            PARTIAL.add((f.parent.name, *stem.rsplit("-s", 1)[:1], int(stem.rsplit("-s", 1)[1])))
+        algo, seed = stem.rsplit("-s", 1)
         rows = [(int(r["step"]), float(r["normalized_score"]), float(r["return"])) for r in csv.DictReader(f.open())]
         out.setdefault(f.parent.name, {}).setdefault(algo, {})[int(seed)] = rows
     return out
@@ -142,7 +169,9 @@ def report(args) -> None:
             best = [max(x[1] for x in r) for r in runs.values()]
             steps = min(r[-1][0] for r in runs.values())
             sd = f" ± {np.std(finals, ddof=1):.1f}" if len(finals) > 1 else ""
-            lines.append(f"| {dataset} | {algo} | {len(runs)} | {steps:,} | {np.mean(finals):.1f}{sd} | "
+            partial = sum((dataset, algo, seed) in PARTIAL for seed in runs)
+            seeds = f"{len(runs)}" + (f" ({partial} unfinished)" if partial else "")
+            lines.append(f"| {dataset} | {algo} | {seeds} | {steps:,} | {np.mean(finals):.1f}{sd} | "
                          f"{np.mean(last5):.1f} | {np.mean(best):.1f} | {PUBLISHED.get(dataset, {}).get(algo, '-')} |")
     print("\n".join(lines))
     import matplotlib
@@ -180,6 +209,7 @@ def main() -> None:
     r.add_argument("--eval-every", type=int, default=10_000)
     r.add_argument("--eval-episodes", type=int, default=10)
     r.set_defaults(fn=run)
+    sub.add_parser("snapshot").set_defaults(fn=snapshot)
     s = sub.add_parser("report")
     s.add_argument("--png", type=Path, default=HERE / "learning.png")
     s.set_defaults(fn=report)
