@@ -91,8 +91,12 @@ class Snapshots(BaseCallback):
                 csv.writer(f).writerow([step, f"{mean:.2f}", f"{se:.2f}", f"{time.time() - self.t0:.0f}"])
             print(f"step {step}: return {mean:.1f} ± {se:.1f}", flush=True)
         if step % self.args.checkpoint_every == 0:
-            self.model.save(self.out / "ckpt" / "model.zip")
-            self.model.save_replay_buffer(self.out / "ckpt" / "replay.pkl")
+            # write beside, then rename: a run killed mid-save keeps its previous checkpoint whole
+            ckpt = self.out / "ckpt"
+            self.model.save_replay_buffer(ckpt / "replay.tmp.pkl")
+            self.model.save(ckpt / "model.tmp.zip")
+            os.replace(ckpt / "replay.tmp.pkl", ckpt / "replay.pkl")
+            os.replace(ckpt / "model.tmp.zip", ckpt / "model.zip")
         return True
 
 
