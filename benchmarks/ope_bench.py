@@ -115,19 +115,6 @@ def validate(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
 
-def linear_actor_tensors(gains, log_std: float, scale: float = 3.0) -> dict[str, np.ndarray]:
-    """An offlab tanh-Gaussian actor (d -> 2d -> 2d -> 1) whose mean is exactly (g / scale) . obs:
-    relu(x) - relu(-x) = x in the first layer, identity on non-negatives in the second. The env action is
-    scale * tanh(u), u ~ N(g . obs / scale, exp(log_std)^2): a saturating linear controller a ~ g . obs."""
-    g = np.asarray(gains, np.float32) / scale
-    d = len(g)
-    eye = np.eye(d, dtype=np.float32)
-    return {"hidden.0.weight": np.concatenate([eye, -eye]), "hidden.0.bias": np.zeros(2 * d, np.float32),
-            "hidden.1.weight": np.eye(2 * d, dtype=np.float32), "hidden.1.bias": np.zeros(2 * d, np.float32),
-            "mean.weight": np.concatenate([g, -g])[None, :], "mean.bias": np.zeros(1, np.float32),
-            "log_std.weight": np.zeros((1, 2 * d), np.float32), "log_std.bias": np.full(1, log_std, np.float32)}
-
-
 # InvertedPendulum-v5 (obs: cart x, pole angle, their velocities; a in [-3, 3]): linear controllers from
 # falling at once to balancing for the whole 1000 steps. name: (gains on obs, log-std of u)
 INVERTED_PENDULUM_ZOO = {
@@ -147,6 +134,8 @@ INVERTED_PENDULUM_ZOO = {
 
 def inverted_pendulum_zoo(args) -> None:
     from safetensors.numpy import save_file
+
+    from tests.test_ope_support import linear_actor_tensors
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

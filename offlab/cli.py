@@ -505,8 +505,6 @@ def ope_cmd(
         raise OfflabError("give either a run id or --policy, not both")
     names = parse_estimators(estimators)  # a bad name fails before anything loads
     from offlab.evaluation.ope import runner as ope
-    from offlab.evaluation.ope.fqe import FQEConfig
-    from offlab.evaluation.ope.model_based import ModelBasedConfig
 
     run_id = None
     if target is not None:
@@ -520,12 +518,7 @@ def ope_cmd(
         policy = f"runs:/{target}/policy"
     elif dataset is None:
         raise OfflabError("--policy needs --dataset NAME (the data to evaluate it on)")
-    fqe_cfg = FQEConfig(seed=seed) if fqe_updates is None else FQEConfig(updates=fqe_updates, seed=seed)
-    mb_cfg = ModelBasedConfig(seed=seed)
-    if mb_updates is not None:
-        from dataclasses import replace
-
-        mb_cfg = replace(mb_cfg, dynamics=replace(mb_cfg.dynamics, max_updates=mb_updates, seed=seed))
+    fqe_cfg, mb_cfg, _ = ope.estimator_configs(seed, fqe_updates, mb_updates)
     result = ope.estimate(policy, dataset, names, gamma=gamma, mode=mode, sigma=sigma, behavior=behavior,
                           fqe=fqe_cfg, mb=mb_cfg, bootstrap=bootstrap, seed=seed, progress=not as_json)
     if run_id is not None and log:

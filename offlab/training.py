@@ -725,19 +725,11 @@ def _warn(message: str) -> None:
 
 def _end_of_training_ope(trainer: Trainer) -> dict[str, Any]:
     """`--ope`: estimate the final policy's value on the training data and log ope/<estimator> on the run."""
-    from dataclasses import replace
-
     from offlab.evaluation.ope import runner as ope
-    from offlab.evaluation.ope.behavior import BehaviorConfig
-    from offlab.evaluation.ope.fqe import FQEConfig
-    from offlab.evaluation.ope.model_based import ModelBasedConfig
 
     run = trainer.run
-    fqe, mb, behavior = FQEConfig(seed=run.seed), ModelBasedConfig(seed=run.seed), BehaviorConfig(seed=run.seed)
-    if run.ope_updates:
-        fqe = replace(fqe, updates=run.ope_updates)
-        mb = replace(mb, dynamics=replace(mb.dynamics, max_updates=run.ope_updates, seed=run.seed))
-        behavior = replace(behavior, steps=run.ope_updates)
+    budget = run.ope_updates or None  # one budget for FQE, the dynamics ensemble and the behaviour density
+    fqe, mb, behavior = ope.estimator_configs(run.seed, budget, budget, budget)
     result = ope.estimate(trainer.learner, trainer.dataset, run.ope, fqe=fqe, mb=mb, behavior_config=behavior,
                           seed=run.seed, device=str(trainer.device), progress=trainer.progress)
     ope.log_estimates(trainer.tracker.run_id, result, step=trainer.step, tracking_uri=trainer.tracker.uri)

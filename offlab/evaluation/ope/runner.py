@@ -129,6 +129,17 @@ class SharedFits:
     """The discounted references of the dataset's env."""
 
 
+def estimator_configs(seed: int, fqe_updates: int | None = None, mb_updates: int | None = None,
+                      behavior_steps: int | None = None) -> tuple[FQEConfig, ModelBasedConfig, BehaviorConfig]:
+    """FQE, model-based and behaviour-density settings seeded by `seed`, with their update budgets where given."""
+    fqe = FQEConfig(seed=seed) if fqe_updates is None else FQEConfig(updates=fqe_updates, seed=seed)
+    mb = ModelBasedConfig(seed=seed)
+    if mb_updates is not None:
+        mb = dataclasses.replace(mb, dynamics=dataclasses.replace(mb.dynamics, max_updates=mb_updates, seed=seed))
+    behavior = BehaviorConfig(seed=seed) if behavior_steps is None else BehaviorConfig(steps=behavior_steps, seed=seed)
+    return fqe, mb, behavior
+
+
 def estimate(policy: Any, dataset: Any, estimators: str | Sequence[str] | None = None, *,
              gamma: float = DEFAULT_GAMMA, mode: str = "auto", sigma: float = DEFAULT_SIGMA, behavior: str = "auto",
              fqe: FQEConfig | None = None, mb: ModelBasedConfig | None = None,
