@@ -23,6 +23,8 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   is timed on its own (`sample` row): a training-loop step costs sample + update. The TD3+BC loop
   row times offlab's sample-then-update loop against d3rlpy's own `fit()` loop (logging off, no
   progress bar; timed inside fit from the end of its first step to the end of its last).
+- `--bf16`: the same offlab learners again under `--precision bf16` (mixed precision, rows
+  `<algo>@bf16`), against d3rlpy's float32 update of the same learner.
 - Prototypes (`--prototypes`, see `prototype_td3bc`): offlab TD3+BC with proposed changes to its
   update, timed in the same rounds, to show what would reach a 2x speed-up; offlab/ is not changed.
 - Every learner first runs `--warmup` untimed updates (allocator, first-call costs; PRDC's search is
@@ -237,7 +239,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="updates per learner per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=500, help="untimed updates per learner before the rounds")
-    p.add_argument("--prototypes", default="lean,lean+vecdot,lean+vecdot+fused,lean+vecdot+fused+bf16",
+    p.add_argument("--bf16", default="td3bc,prdc",
+                   help="offlab learners also timed with --precision bf16 (rows '<algo>@bf16'; '' for none)")
+    p.add_argument("--prototypes", default="",
                    help="offlab TD3+BC variants timed beside the rest (comma-separated, '' for none; see "
                         "prototype_td3bc)")
     p.add_argument("--json", default="", help="also write the results here")
@@ -267,16 +271,26 @@ def main() -> None:
     for name in algos:
         cls = get_algo(name)
         learners[name] = cls(cls.Config(), spec, "cpu")
+    bf16 = [a for a in args.bf16.split(",") if a and a in algos]
+    for name in bf16:
+        cls = get_algo(name)
+        learners[f"{name}@bf16"] = cls(cls.Config(), spec, "cpu")
     for v in protos:
         cls = prototype_td3bc(v)
         learners[f"td3bc[{v}]"] = cls(cls.Config(), spec, "cpu")
     gen = torch.Generator().manual_seed(0)
     batches = [data.sample(256, gen) for _ in range(args.steps)]
     warm = torch.Generator().manual_seed(1)
+    from offlab.nets import mixed_precision
+
+    def precision_of(name: str) -> str:
+        return "bf16" if name.endswith("@bf16") else "float32"
+
     for name, learner in learners.items():
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            learner.update(data.sample(256, warm))
+        with mixed_precision("cpu", precision_of(name)):
+            for _ in range(args.warmup):
+                learner.update(data.sample(256, warm))
         print(f"offlab {name}: {args.warmup} warm-up updates in {time.perf_counter() - t0:.1f}s", flush=True)
     info = worker.recv()
     print(f"d3rlpy {info['version']} (torch {info['torch']}, {info['threads']} thread): "
@@ -290,7 +304,8 @@ def main() -> None:
             learner = learners[name[5:]]
             return timed(lambda: [learner.update(data.sample(256, gen)) for _ in range(args.steps)], args.steps)
         learner = learners[name]
-        return timed(lambda: [learner.update(b) for b in batches], args.steps)
+        with mixed_precision("cpu", precision_of(name)):
+            return timed(lambda: [learner.update(b) for b in batches], args.steps)
 
     def d3rlpy_round(name: str) -> tuple[float, float]:
         what = "sample" if name == "sample" else "fit" if name.startswith("loop:") else "update"
@@ -358,6 +373,18 @@ def main() -> None:
             r_wall = ratio(("offlab", k), ("offlab", "td3bc"), "wall")
             summary[f"offlab_vs_td3bc/{k}"] = {"cpu": r_cpu, "wall": r_wall}
             extra = ""
+            if k.endswith("@bf16"):
+                base = k.removesuffix("@bf16")
+                summary[f"d3rlpy_vs/{k}"] = {"cpu": ratio(("d3rlpy", base), ("offlab", k), "cpu"),
+                                             "wall": ratio(("d3rlpy", base), ("offlab", k), "wall")}
+                extra = (f"; d3rlpy {LABELS[base]} update / this: {summary[f'd3rlpy_vs/{k}']['cpu']:.2f}x cpu, "
+                         f"{summary[f'd3rlpy_vs/{k}']['wall']:.2f}x wall")
+                if base == "td3bc":
+                    loop = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
+                    summary[f"d3rlpy_vs/{k}"]["fit_vs_sample_update_cpu"] = (
+                        summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop)
+                    extra += (f"; d3rlpy fit step / (offlab sample + this): "
+                              f"{summary[f'd3rlpy_vs/{k}']['fit_vs_sample_update_cpu']:.2f}x cpu")
             if k.startswith("td3bc[") and "td3bc" in algos:
                 loop = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
                 summary[f"d3rlpy_vs/{k}"] = {

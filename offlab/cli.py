@@ -241,6 +241,8 @@ def fit_cmd(
     config: Path | None = typer.Option(None, "--config", help="A run file (YAML); --set and flags override it."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the run with this MLflow run id."),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    precision: str | None = typer.Option(None, "--precision", help="float32 (default) or bf16 mixed precision "
+                                         "(faster on CPUs with AVX512-BF16/AMX and recent GPUs; numbers differ)."),
     ope: str | None = typer.Option(None, "--ope", help="Estimate the final policy's value off-policy, e.g. "
                                    "--ope fqe,mb (logged as ope/<estimator>; see `offlab ope`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
@@ -255,7 +257,8 @@ def fit_cmd(
 
     if resume:
         given = {"--algo": algo, "--steps": steps, "--seed": seed, "--eval-every": eval_every,
-                 "--eval-episodes": eval_episodes, "--online-steps": online_steps, "--config": config, "--ope": ope}
+                 "--eval-episodes": eval_episodes, "--online-steps": online_steps, "--config": config, "--ope": ope,
+                 "--precision": precision}
         extra = [k for k, v in given.items() if v is not None] + (["--set"] if sets else [])
         if extra:
             raise OfflabError(f"--resume keeps the run's own config; drop {', '.join(extra)} (only --dataset and "
@@ -263,7 +266,7 @@ def fit_cmd(
         result = training.resume(resume, dataset=dataset, device=device, progress=not as_json, on_start=announce)
     else:
         flags = {"dataset": dataset, "algo": algo, "steps": steps, "seed": seed, "eval_every": eval_every,
-                 "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device, "ope": ope}
+                 "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device, "ope": ope, "precision": precision}
         run, _ = resolve_run(config, flags, sets)
         result = training.fit(run, progress=not as_json, on_start=announce)
     if as_json:

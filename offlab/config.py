@@ -69,6 +69,9 @@ class RunConfig:
     """Log train/* metrics, averaged, every this many steps."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
+    precision: str = "float32"
+    """float32, or bf16: mixed precision for the updates (hidden-layer matmuls in bfloat16; ~1.4x faster on
+    CPUs with AVX512-BF16/AMX; numbers differ from float32; benchmarks/d3rlpy_speed.md)."""
     threads: int = 1
     """torch CPU threads (0: torch's default); 1 avoids oversubscription when runs share the machine."""
     dataset_quality: bool = True
@@ -112,6 +115,8 @@ class RunConfig:
             raise ConfigError(f"exploration_noise must be >= 0, got {self.exploration_noise}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device '{self.device}' is not one of auto, cpu, cuda")
+        if self.precision not in ("float32", "bf16"):
+            raise ConfigError(f"precision '{self.precision}' is not one of float32, bf16")
         if self.total_steps < 1:
             raise ConfigError("steps + online_steps must be at least 1")
         if self.ope:

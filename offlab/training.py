@@ -55,6 +55,7 @@ from offlab.config import RunConfig, config_dict, learner_config, run_from_dict
 from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
+from offlab.nets import mixed_precision
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -379,6 +380,9 @@ class Trainer:
 
         if run.threads:
             torch.set_num_threads(run.threads)
+        if run.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            _warn("precision bf16: this CPU has no bfloat16 matmul support (AVX512-BF16/AMX), so bf16 will be "
+                  "slower than float32; use --precision float32")
         seed_everything(run.seed)
         self.data = Transitions(dataset, device)
         self.spec = LearnerSpec.from_transitions(self.data, self.env_id, run.dataset)
@@ -504,7 +508,8 @@ class Trainer:
         t_log, s_log = time.perf_counter(), self.step
         with bar:
             while self.step < total and not self.stop_requested:
-                metrics = self.train_step()
+                with mixed_precision(self.device, r.precision):
+                    metrics = self.train_step()
                 self.step += 1
                 for k, v in metrics.items():
                     a = self.acc.setdefault(k, [0.0, 0])

@@ -19,6 +19,7 @@ import torch
 from offlab.algos import ALGOS
 from offlab.algos.base import LearnerSpec
 from offlab.data.store import Transitions
+from offlab.nets import DeterministicActor, EnsembleCritic, ValueNet, mixed_precision
 from tests.helpers import make_sim_dataset
 
 SMALL = (64, 64)
@@ -165,6 +166,45 @@ def test_same_seed_gives_bit_identical_parameters_on_cpu(name, pendulum_data):
     with pytest.raises(AssertionError):
         assert_same_state(runs[0], runs[2])
     assert torch.equal(torch.get_rng_state(), global_rng), "learners must draw from their own generator"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_mixed_precision_keeps_float32_outputs_and_state_and_still_fits(name, pendulum_data):
+    """Under `mixed_precision(bf16)` (`--precision bf16`) the update runs its hidden matmuls in bfloat16
+    but every network output (Q, V, actions) is float32, the state stays float32 and deterministic,
+    and the learner moves towards the data as in float32; its numbers differ from a float32 run."""
+    runs = []
+    for precision in ("bf16", "bf16", "float32"):
+        learner = build(name, pendulum_data, seed=3)
+        for batch in batches(pendulum_data, 30, size=128, seed=2):
+            with mixed_precision("cpu", precision):
+                metrics = learner.update(batch)
+            assert all(math.isfinite(v) for v in metrics.values()), metrics
+        runs.append(learner)
+    states = [r.state_dict() for r in runs]
+    assert_same_state(states[0], states[1])  # deterministic in bf16 too
+    with pytest.raises(AssertionError):
+        assert_same_state(states[0], states[2])  # hidden layers really ran in bfloat16
+
+    def tensors(tree):
+        if isinstance(tree, torch.Tensor):
+            yield tree
+        elif isinstance(tree, dict):
+            for v in tree.values():
+                yield from tensors(v)
+    assert all(t.dtype in (torch.float32, torch.int64, torch.uint8, torch.bool) or not t.is_floating_point()
+               for t in tensors(states[0]))
+    obs = pendulum_data.obs[:64]
+    with mixed_precision("cpu", "bf16"):
+        for module in vars(runs[0]).values():
+            if isinstance(module, EnsembleCritic):
+                q = module(obs, pendulum_data.action[:64])
+                assert q.dtype == torch.float32
+                torch.testing.assert_close(module.member(obs, pendulum_data.action[:64], 0), q[0])
+            elif isinstance(module, (DeterministicActor, ValueNet)):
+                assert module(obs).dtype == torch.float32
+    a32, a16 = runs[2].act(obs.numpy()), runs[0].act(obs.numpy())
+    assert np.abs(a16 - a32).max() < 0.5  # the same learning, up to bf16 rounding along 30 updates
 
 
 @pytest.mark.parametrize("name", NAMES)

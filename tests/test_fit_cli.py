@@ -104,6 +104,7 @@ def test_more_bad_settings_name_the_problem(tmp_path):
         ({"dataset": TINY, "algo": "bc", "steps": -1}, [], "steps must be >= 0"),
         ({"dataset": TINY, "algo": "bc"}, ["online_ratio=1.5"], "online_ratio must be in [0, 1]"),
         ({"dataset": TINY, "algo": "bc"}, ["top_fraction=abc"], "'top_fraction' expects float"),
+        ({"dataset": TINY, "algo": "bc", "precision": "fp16"}, [], "precision 'fp16' is not one of float32, bf16"),
     ]
     for flags, sets, message in cases:
         with pytest.raises(ConfigError) as err:
