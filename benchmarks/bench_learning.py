@@ -47,7 +47,7 @@ def use_bench_stores() -> None:
     os.chdir(home)  # the local MLflow artifact folder lands here too
 
 
-def find_run(dataset: str, algo: str, seed: int, steps: int):
+def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32"):
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -56,6 +56,8 @@ def find_run(dataset: str, algo: str, seed: int, steps: int):
         return None
     runs = client.search_runs([exp.experiment_id], f"tags.algo = '{algo}' and tags.seed = '{seed}' "
                                                    f"and params.steps = '{steps}'", order_by=["start_time DESC"])
+    # runs from before RunConfig.precision existed have no such param: they ran in float32
+    runs = [r for r in runs if r.data.params.get("precision", "float32") == precision]
     return runs[0] if runs else None
 
 
@@ -113,26 +115,27 @@ def run(args) -> None:
     registry.get(args.dataset, progress=True)  # build it once, up front
     for seed in [int(s) for s in args.seeds.split(",")]:
         for algo in args.algos.split(","):
-            done = find_run(args.dataset, algo, seed, args.steps)
+            label = algo if args.precision == "float32" else f"{algo}@{args.precision}"  # the curve file's name
+            done = find_run(args.dataset, algo, seed, args.steps, args.precision)
             t0 = time.time()
             if done is not None and done.info.status == "FINISHED":
-                print(f"{algo}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
-                save_curve(done.info.run_id, args.dataset, algo, seed, None)
+                print(f"{label}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
+                save_curve(done.info.run_id, args.dataset, label, seed, None)
                 continue
             if done is not None:
-                print(f"{algo}-s{seed}: resuming {done.info.run_id}", flush=True)
+                print(f"{label}-s{seed}: resuming {done.info.run_id}", flush=True)
                 result = training.resume(done.info.run_id, progress=False)
             else:
                 sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", "threads=1",
-                        "checkpoint_every=10000"]
+                        "checkpoint_every=10000", f"precision={args.precision}"]
                 cfg, _ = resolve_run(None, {"dataset": args.dataset, "algo": algo, "steps": args.steps, "seed": seed},
                                      sets)
-                print(f"{algo}-s{seed}: training {args.steps} steps on {args.dataset}", flush=True)
+                print(f"{label}-s{seed}: training {args.steps} steps on {args.dataset}", flush=True)
                 result = training.fit(cfg, progress=False)
             if result.interrupted:
                 return
-            path = save_curve(result.run_id, args.dataset, algo, seed, time.time() - t0)
-            print(f"{algo}-s{seed}: {result.final_eval} in {time.time() - t0:.0f} s -> {path}", flush=True)
+            path = save_curve(result.run_id, args.dataset, label, seed, time.time() - t0)
+            print(f"{label}-s{seed}: {result.final_eval} in {time.time() - t0:.0f} s -> {path}", flush=True)
 
 
 PARTIAL: set[tuple[str, str, int]] = set()  # (dataset, algo, seed) read from a .partial.csv
@@ -160,7 +163,7 @@ def report(args) -> None:
     lines = ["| dataset | learner | seeds | steps | final score (mean ± sd over seeds) | last-5-evals mean | "
              "best eval | published (1M steps) |", "|---|---|---|---|---|---|---|---|"]
     for dataset, algos in curves.items():
-        for algo in ("bc", "td3bc", "iql", "prdc"):
+        for algo in ("bc", "td3bc", "iql", "prdc", *sorted(a for a in algos if "@" in a)):
             if algo not in algos:
                 continue
             runs = algos[algo]
@@ -172,7 +175,8 @@ def report(args) -> None:
             partial = sum((dataset, algo, seed) in PARTIAL for seed in runs)
             seeds = f"{len(runs)}" + (f" ({partial} unfinished)" if partial else "")
             lines.append(f"| {dataset} | {algo} | {seeds} | {steps:,} | {np.mean(finals):.1f}{sd} | "
-                         f"{np.mean(last5):.1f} | {np.mean(best):.1f} | {PUBLISHED.get(dataset, {}).get(algo, '-')} |")
+                         f"{np.mean(last5):.1f} | {np.mean(best):.1f} | "
+                         f"{PUBLISHED.get(dataset, {}).get(algo.split('@')[0], '-')} |")
     print("\n".join(lines))
     import matplotlib
 
@@ -185,8 +189,8 @@ def report(args) -> None:
         for algo, runs in sorted(algos.items()):
             for i, (seed, rows) in enumerate(sorted(runs.items())):
                 steps = [r[0] for r in rows]
-                ax.plot(steps, [r[1] for r in rows], color=colors.get(algo), alpha=0.85,
-                        ls="-" if i == 0 else "--", label=f"{algo} s{seed}")
+                ax.plot(steps, [r[1] for r in rows], color=colors.get(algo.split("@")[0]), alpha=0.85,
+                        ls=":" if "@" in algo else "-" if i == 0 else "--", label=f"{algo} s{seed}")
             if algo in PUBLISHED.get(dataset, {}):
                 ax.axhline(PUBLISHED[dataset][algo], color=colors.get(algo), lw=0.8, ls=":")
         ax.set_title(f"{dataset} (dotted: published at 1M steps)")
@@ -208,6 +212,7 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=200_000)
     r.add_argument("--eval-every", type=int, default=10_000)
     r.add_argument("--eval-episodes", type=int, default=10)
+    r.add_argument("--precision", default="float32", help="float32, or bf16 (curves saved as <algo>@bf16-s<seed>)")
     r.set_defaults(fn=run)
     sub.add_parser("snapshot").set_defaults(fn=snapshot)
     s = sub.add_parser("report")
