@@ -373,27 +373,17 @@ def main() -> None:
             r_wall = ratio(("offlab", k), ("offlab", "td3bc"), "wall")
             summary[f"offlab_vs_td3bc/{k}"] = {"cpu": r_cpu, "wall": r_wall}
             extra = ""
-            if k.endswith("@bf16"):
-                base = k.removesuffix("@bf16")
-                summary[f"d3rlpy_vs/{k}"] = {"cpu": ratio(("d3rlpy", base), ("offlab", k), "cpu"),
-                                             "wall": ratio(("d3rlpy", base), ("offlab", k), "wall")}
-                extra = (f"; d3rlpy {LABELS[base]} update / this: {summary[f'd3rlpy_vs/{k}']['cpu']:.2f}x cpu, "
-                         f"{summary[f'd3rlpy_vs/{k}']['wall']:.2f}x wall")
+            # the d3rlpy learner this variant stands against: <algo>@bf16 -> <algo>, a prototype -> TD3+BC
+            base = k.removesuffix("@bf16") if k.endswith("@bf16") else "td3bc" if k.startswith("td3bc[") else None
+            if base is not None:
+                vs = {"cpu": ratio(("d3rlpy", base), ("offlab", k), "cpu"),
+                      "wall": ratio(("d3rlpy", base), ("offlab", k), "wall")}
+                extra = f"; d3rlpy {LABELS[base]} update / this: {vs['cpu']:.2f}x cpu, {vs['wall']:.2f}x wall"
                 if base == "td3bc":
                     loop = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
-                    summary[f"d3rlpy_vs/{k}"]["fit_vs_sample_update_cpu"] = (
-                        summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop)
-                    extra += (f"; d3rlpy fit step / (offlab sample + this): "
-                              f"{summary[f'd3rlpy_vs/{k}']['fit_vs_sample_update_cpu']:.2f}x cpu")
-            if k.startswith("td3bc[") and "td3bc" in algos:
-                loop = summary["offlab/sample"]["cpu_ms"] + summary[f"offlab/{k}"]["cpu_ms"]
-                summary[f"d3rlpy_vs/{k}"] = {
-                    "cpu": ratio(("d3rlpy", "td3bc"), ("offlab", k), "cpu"),
-                    "wall": ratio(("d3rlpy", "td3bc"), ("offlab", k), "wall"),
-                    "fit_vs_sample_update_cpu": summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop}
-                extra = (f"; d3rlpy TD3+BC update / this: {summary[f'd3rlpy_vs/{k}']['cpu']:.2f}x cpu, "
-                         f"{summary[f'd3rlpy_vs/{k}']['wall']:.2f}x wall; d3rlpy fit step / (offlab sample + this): "
-                         f"{summary[f'd3rlpy_vs/{k}']['fit_vs_sample_update_cpu']:.2f}x cpu")
+                    vs["fit_vs_sample_update_cpu"] = summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop
+                    extra += f"; d3rlpy fit step / (offlab sample + this): {vs['fit_vs_sample_update_cpu']:.2f}x cpu"
+                summary[f"d3rlpy_vs/{k}"] = vs
             print(f"offlab {k} / offlab td3bc: {r_cpu:.2f}x cpu, {r_wall:.2f}x wall "
                   f"({summary[f'offlab/{k}']['cpu_ms']:.2f} cpu ms/update){extra}")
     if args.json:

@@ -115,8 +115,10 @@ class RunConfig:
             raise ConfigError(f"exploration_noise must be >= 0, got {self.exploration_noise}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device '{self.device}' is not one of auto, cpu, cuda")
-        if self.precision not in ("float32", "bf16"):
-            raise ConfigError(f"precision '{self.precision}' is not one of float32, bf16")
+        from offlab.nets import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if self.total_steps < 1:
             raise ConfigError("steps + online_steps must be at least 1")
         if self.ope:
