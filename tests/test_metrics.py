@@ -142,6 +142,26 @@ def test_knn_entropy_matches_the_gaussian_closed_form():
     assert dups == 100 and h_dup == pytest.approx(M.kl_entropy(z, k=5)[0], abs=1e-12)
 
 
+def test_brute_force_index_above_15_dims_gives_the_kd_trees_exact_neighbours():
+    """p > 15 switches to the faiss flat index; after its float64 re-ranking, distances and neighbours are
+    the KD-tree's (exact) ones, and the bounded query marks far neighbours the same way."""
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(3000, 6)) @ rng.normal(size=(6, 18)) + 0.05 * rng.normal(size=(3000, 18))
+    queries = points[:200] + 0.3 * rng.normal(size=(200, 18))
+    brute, tree = M.NeighbourIndex(points), M.NeighbourIndex(points, brute_above=99)
+    assert brute.brute and not tree.brute
+    d_b, i_b = brute.query(queries, 5)
+    d_t, i_t = tree.query(queries, 5)
+    np.testing.assert_allclose(d_b, d_t, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(i_b, i_t)
+    np.testing.assert_allclose(brute.kth_other(np.arange(50), 5), tree.kth_other(np.arange(50), 5), rtol=1e-12)
+    bound = float(np.median(d_t[:, 0]))
+    d_bb, i_bb = brute.query(queries, 1, upper_bound=bound)
+    d_tb, i_tb = tree.query(queries, 1, upper_bound=bound)
+    np.testing.assert_array_equal(np.isinf(d_bb), np.isinf(d_tb))
+    np.testing.assert_array_equal(i_bb, i_tb)
+
+
 def test_paper_cells_follow_np_digitize_over_five_edges():
     lo, hi = np.array([0.0]), np.array([4.0])
     x = np.array([[-1.0], [0.0], [0.5], [3.9], [4.0], [7.0]])
