@@ -25,6 +25,9 @@ def test_same_name_steps_and_seed_give_the_same_hash_whatever_the_workers():
     assert a.card.content_hash == b.card.content_hash
     assert a.card.content_hash != c.card.content_hash
     assert len(a) == 1000
+    import mujoco
+
+    assert a.card.source["simulator"]["mujoco"] == mujoco.__version__  # the hash holds under this simulator
 
 
 @needs_hopper

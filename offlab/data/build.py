@@ -339,8 +339,18 @@ def _card(name: str, env_id: str, entry, source: dict, policy_card: dict | None,
         action_low=list(sp.action_low), action_high=list(sp.action_high),
         ref_min_score=entry.ref_min_score if entry else None,
         ref_max_score=entry.ref_max_score if entry else None,
-        source={**source, "seed": seed}, behavior_policy=policy_card, notes=notes,
+        source={**source, "seed": seed, "simulator": simulator_versions()}, behavior_policy=policy_card, notes=notes,
     )
+
+
+def simulator_versions() -> dict[str, str]:
+    """The versions a built dataset's content depends on: the same recipe and seed give the same content
+    hash only under the same simulator (a MuJoCo release can change trajectories) and torch (the actor)."""
+    import gymnasium
+    import mujoco
+    import torch
+
+    return {"mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "torch": torch.__version__.split("+")[0]}
 
 
 def _to_dataset(card: DatasetCard, cols: dict[str, np.ndarray]) -> Dataset:
