@@ -264,3 +264,21 @@ def test_pooled_reference_takes_equal_rows_from_each_member(hopper_random, hoppe
     ref = M.pooled_reference([hopper_random, hopper_linear, short], rows=900)
     assert ref.kind == "pooled" and ref.constituents == ("hopper-linear", "hopper-short", "hopper-tiny")
     assert len(ref) == 3 * 300
+
+
+def test_reference_side_statistics_are_reused_from_disk_bit_for_bit(hopper_random, hopper_random_ref, monkeypatch):
+    """A second report against the same reference (a new Reference object, another process in real use) reads
+    the reference's entropies and radii back from OFFLAB_HOME instead of recomputing them, with the same numbers."""
+    first = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random), NO_BC).numbers
+    assert first["space"]["reference_cache"] == "computed and stored"
+    calls = []
+    real = M.kl_entropy
+    monkeypatch.setattr(M, "kl_entropy", lambda z, k=5: calls.append(len(z)) or real(z, k))
+    second = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random), NO_BC).numbers
+    assert second["space"]["reference_cache"] == "reused from disk"
+    assert len(calls) == len(NO_BC.seeds)  # the dataset's entropies only
+    for section in ("saco_h", "coverage"):
+        assert {k: v for k, v in second[section].items()} == {k: v for k, v in first[section].items()}
+    off = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random),
+                    dataclasses.replace(NO_BC, reference_cache=False)).numbers
+    assert off["space"]["reference_cache"] == "off" and off["saco_h"] == first["saco_h"]

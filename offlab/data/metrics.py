@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,9 @@ class QualityConfig:
     """Cap on the number of principal axes p."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Each subsampled measure is repeated over these seeds and reported as mean and std."""
+    reference_cache: bool = True
+    """Keep the reference-side entropies and neighbour radii on disk (OFFLAB_HOME/quality/reference), keyed by
+    a digest of the reference's rows and these settings: later reports against the same reference reuse them."""
     bc: bool = True
     """Fit the BC behaviour models (entropy proxy, Gaussian-vs-mixture NLL gap)."""
     bc_rows: int = 50_000
@@ -524,6 +528,39 @@ def _ref_cached(ref: Reference, key: tuple, make):
     return ref.cache[key]
 
 
+def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
+    """`_ref_cached`, and also on disk: a tuple of numbers and arrays, stored under a digest of the reference's
+    rows and `key` (which must name every setting the value depends on). The value read back is bit-identical."""
+    if key in ref.cache or not enabled:
+        return _ref_cached(ref, key, make)
+    import hashlib
+    import json
+
+    from offlab import paths
+
+    if "_digest" not in ref.cache:
+        ref.cache["_digest"] = hashlib.blake2b(np.ascontiguousarray(ref.x).tobytes(), digest_size=16).hexdigest()
+    name = hashlib.blake2b(json.dumps([ref.cache["_digest"], list(ref.x.shape), *key]).encode(),
+                           digest_size=16).hexdigest()
+    path = paths.home() / "quality" / "reference" / f"{name}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                value = tuple(f[f"v{i}"] if f[f"v{i}"].ndim else f[f"v{i}"].item() for i in range(len(f.files)))
+            ref.cache.setdefault("_reused", set()).add(key[0])
+            ref.cache[key] = value
+            return value
+        except (OSError, ValueError, KeyError):  # a damaged file: compute again and replace it
+            pass
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
+    tmp.replace(path)  # written beside, then renamed: a reader never sees half a file
+    ref.cache[key] = value
+    return value
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     """Mean and std over seeds (std exactly 0 when every seed gave the same value)."""
     a = np.asarray(values, dtype=np.float64)
@@ -557,6 +594,7 @@ def coverage_measures(x: np.ndarray, ref: Reference, cfg: QualityConfig = Qualit
     n_max = max(n_grid, n_ent, n_cov)
     m = min(cfg.coverage_queries, n_cov)
     k_cov = min(cfg.coverage_k, max(n_cov - 1, 1))
+    space_key = (cfg.pca_variance, cfg.pca_max_dims, cfg.coverage_rows)  # what the space depends on, for disk keys
     timing["space"] = time.perf_counter() - t
 
     per_seed: dict[str, list[float]] = {}
@@ -584,8 +622,8 @@ def coverage_measures(x: np.ndarray, ref: Reference, cfg: QualityConfig = Qualit
         # (b) k-NN entropy difference
         t = time.perf_counter()
         h, dups = kl_entropy(z[:n_ent], cfg.entropy_k)
-        h_ref, dups_ref = _ref_cached(ref, ("entropy", id(space), n_ent, seed, cfg.entropy_k),
-                                      lambda zr=zr: kl_entropy(zr[:n_ent], cfg.entropy_k))
+        h_ref, dups_ref = _ref_persisted(ref, ("entropy", *space_key, n_ent, seed, cfg.entropy_k),
+                                         lambda zr=zr: kl_entropy(zr[:n_ent], cfg.entropy_k), cfg.reference_cache)
         add("h", h)
         add("h_ref", h_ref)
         add("delta_h", h - h_ref)
@@ -598,8 +636,10 @@ def coverage_measures(x: np.ndarray, ref: Reference, cfg: QualityConfig = Qualit
         # (c) coverage of the reference by the dataset, and the dataset's out-of-support share
         t = time.perf_counter()
         y = zr[:n_cov]
-        ref_index, r_k, r_1 = _ref_cached(ref, ("coverage", id(space), n_cov, seed, m, k_cov),
-                                          lambda y=y: _reference_radii(y, m, k_cov))
+        ref_index = _ref_cached(ref, ("index", id(space), n_cov, seed), lambda y=y: NeighbourIndex(y))
+        r_k, r_1 = _ref_persisted(ref, ("radii", *space_key, n_cov, seed, m, k_cov),
+                                  lambda y=y, ref_index=ref_index: _reference_radii(ref_index, m, k_cov),
+                                  cfg.reference_cache)
         r0 = float(np.median(r_1))
         data_index = NeighbourIndex(z[:n_cov])
         # every number below only needs d_NN up to max(4 r0, R_k(y)): bound the search, then finish the
@@ -659,16 +699,17 @@ def coverage_measures(x: np.ndarray, ref: Reference, cfg: QualityConfig = Qualit
         "pca": cfg.pca_variance is not None, "pca_explained": space.explained,
         "neighbours": "faiss exact flat index (float32, re-ranked in float64)" if p > 15 else "scipy cKDTree",
         "seeds": list(cfg.seeds),
+        "reference_cache": ("off" if not cfg.reference_cache else
+                            "reused from disk" if ref.cache.get("_reused") else "computed and stored"),
     }
     out["_timing"] = timing
     return out, arrays
 
 
-def _reference_radii(y: np.ndarray, m: int, k: int) -> tuple[NeighbourIndex, np.ndarray, np.ndarray]:
-    """Index over the reference sample, and R_k, R_1 of its first m points (excluding themselves)."""
-    index = NeighbourIndex(y)
-    d, _ = index.query(y[:m], k + 1)
-    return index, d[:, min(k, d.shape[1] - 1)], d[:, min(1, d.shape[1] - 1)]
+def _reference_radii(index: NeighbourIndex, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """R_k and R_1 of the first m points of the reference sample in `index` (excluding themselves)."""
+    d, _ = index.query(index.points[:m], k + 1)
+    return d[:, min(k, d.shape[1] - 1)], d[:, min(1, d.shape[1] - 1)]
 
 
 # -------------------------------------------------------------------------------- diagnostics (A.2)
@@ -943,6 +984,22 @@ class QualityResult:
         return not self.problems
 
 
+_HELPER: ThreadPoolExecutor | None = None
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    global _HELPER
+    if _HELPER is None:
+        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quality-bc")
+    return _HELPER
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
 def quality(ds: Dataset, reference: Reference | Dataset | None = None, cfg: QualityConfig = QualityConfig(),
             max_episode_steps: int | None = None) -> QualityResult:
     """TQ, SACo (paper protocol and offlab's measures, when a reference is given) and the diagnostics."""
@@ -972,6 +1029,9 @@ def quality(ds: Dataset, reference: Reference | Dataset | None = None, cfg: Qual
     numbers["discontinuities"] = discontinuities(ds)
     numbers["policies"] = {"source_policies": source_policy_count(ds.card)}
     timing["diagnostics"] = time.perf_counter() - t0
+    # The BC models (one torch thread) train on a helper thread while the neighbour searches run: the two
+    # share no state, so the numbers are those of running them one after the other, in less wall time.
+    bc_job = _helper_pool().submit(_timed, behaviour_fit, ds, cfg) if cfg.bc else None
     if reference is not None:
         cov, cov_arrays = coverage_measures(state_actions(ds), reference, cfg)
         timing.update(cov.pop("_timing"))
@@ -980,11 +1040,9 @@ def quality(ds: Dataset, reference: Reference | Dataset | None = None, cfg: Qual
         arrays.update(cov_arrays)
         headline = "saco_h" if (numbers["saco_grid"]["saturated"] or numbers["saco_paper"]["saturated"]) else "saco_grid"
         numbers["headline"] = headline
-    if cfg.bc:
-        t = time.perf_counter()
-        numbers["behaviour"], bc_arrays = behaviour_fit(ds, cfg)
+    if bc_job is not None:
+        (numbers["behaviour"], bc_arrays), timing["behaviour"] = bc_job.result()
         arrays.update(bc_arrays)
-        timing["behaviour"] = time.perf_counter() - t
     numbers["timing"] = timing
     problems = []
     bad = {k: v for k, v in numbers["nonfinite"].items() if v}

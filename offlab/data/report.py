@@ -536,7 +536,8 @@ def render_html(report: Report, plane_points: list[dict[str, Any]] | None = None
         sp = s["space"]
         body.append(f"<p class=\"meta\">(s, a) space: d = {sp['d']}, {sp['dims_dropped']} constant dims dropped, "
                     f"p = {sp['p']} principal axes ({_fmt(sp['pca_explained'], 3)} of the reference's variance), "
-                    f"neighbours by {html.escape(sp['neighbours'])}; mean ± std over seeds {sp['seeds']}. "
+                    f"neighbours by {html.escape(sp['neighbours'])}; mean ± std over seeds {sp['seeds']}; "
+                    f"reference entropies and radii: {html.escape(str(sp.get('reference_cache', 'computed')))}. "
                     f"Headline coverage measure: {html.escape(str(headline))}.</p>")
     body.append("<h2>Diagnostics</h2>")
     body.append(_table(diagnostic_rows(s), ("diagnostic", "value")))
