@@ -71,3 +71,23 @@ def test_model_steps_stay_inside_the_data_range_and_choose_members_uniformly(hop
     match = torch.isclose(each, mixed.unsqueeze(0), atol=1e-5).all(-1)  # [E, B]
     assert torch.all(match.sum(0) >= 1)  # every row came from some member
     assert set(match.float().argmax(0).tolist()) == {0, 1, 2, 3}  # and all members were used
+
+
+def test_rollouts_take_member_means_unless_model_noise_is_asked_for(hopper_random):
+    """MuJoCo is deterministic: by default a rollout step is the chosen member's mean, so one member's rollout
+    of a deterministic policy is the same twice; with model_noise it samples the member's Gaussian."""
+    from offlab.evaluation.ope.model_based import ModelBasedConfig, rollout_returns
+    from offlab.evaluation.ope.policy import as_target_policy
+
+    model, _ = fit_dynamics(hopper_random, DynamicsConfig(members=3, hidden=(32, 32), max_updates=200,
+                                                          eval_every=100))
+    policy = as_target_policy(lambda o: np.zeros((len(o), 3), np.float32), -np.ones(3), np.ones(3), mode="deterministic")
+    starts = hopper_random.obs[hopper_random.episode_starts[:8]]
+
+    def run(seed, noise):
+        return rollout_returns(model, policy, starts, 50, 0.99, None, torch.Generator().manual_seed(seed),
+                               member=1, model_noise=noise)[0]
+
+    np.testing.assert_array_equal(run(0, False), run(1, False))
+    assert not np.allclose(run(0, True), run(1, True))
+    assert ModelBasedConfig().model_noise is False

@@ -14,8 +14,9 @@ Optimization", ICLR 2021, arXiv:2104.13877, the feed-forward baseline), METRICS.
 - The uncertainty signal: one rollout per start with each member alone; the std of those per-member
   values across members.
 
-Differs from the reference code: rollouts run the full horizon H even when gamma^t < 1e-3, because
-the undiscounted return needs it; the CI is the initial-state bootstrap (resampling start states,
+Differs from the reference code: each step takes the chosen member's mean next state, not a sample from
+its Gaussian (`model_noise`; MuJoCo is deterministic, see the config); rollouts run the full horizon H even
+when gamma^t < 1e-3, because the undiscounted return needs it; the CI is the initial-state bootstrap (resampling start states,
 labelled: it ignores model-fit uncertainty) unless B refits are asked for.
 """
 
@@ -47,14 +48,20 @@ class ModelBasedConfig:
     """Start states of the per-member rollouts (the ensemble-disagreement signal)."""
     horizon: int = 0
     """Rollout length; 0: the env's time limit (from the card's env kwargs or the env spec)."""
+    model_noise: bool = False
+    """Sample each next state from the chosen member's Gaussian (PETS' trajectory sampling). Off by default:
+    the MuJoCo simulators are deterministic, so that variance is model error, not the environment's, and
+    sampling it makes rollouts drift out of the healthy range early (benchmarks/ope.md: on hopper-medium the
+    behaviour policy's model rollouts last 247 steps with noise, 661 without; its real episodes ~370-1000).
+    Each step still draws its member uniformly, which keeps the ensemble's disagreement in the rollouts."""
     seed: int = 0
     """Seed of the start subsample, member choice, model noise and policy sampling."""
 
 
 @torch.no_grad()
 def rollout_returns(model: DynamicsEnsemble, policy: TargetPolicy, starts: np.ndarray, horizon: int, gamma: float,
-                    terminal: Termination | None, generator: torch.Generator, member: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    terminal: Termination | None, generator: torch.Generator, member: int | None = None,
+                    model_noise: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(discounted return, undiscounted return, length) of one model rollout from each start state."""
     obs = torch.tensor(np.asarray(starts, np.float32))  # a copy: rollouts write into it
     n = len(obs)
@@ -67,7 +74,7 @@ def rollout_returns(model: DynamicsEnsemble, policy: TargetPolicy, starts: np.nd
             break
         o = obs[alive]
         a = policy.sample(o, generator, 1)[0]
-        nxt, r = model.step(o, a, generator, member=member)
+        nxt, r = model.step(o, a, generator, member=member, sample=model_noise)
         disc[alive] += (gamma**t) * r.double()
         undisc[alive] += r.double()
         length[alive] += 1
@@ -115,7 +122,8 @@ def model_based_estimate(policy: TargetPolicy, ds: Dataset, gamma: float, config
     starts = ds.obs[start_rows]
     gen = torch.Generator().manual_seed(cfg.seed)
     r = cfg.rollouts_per_start
-    disc, undisc, length = rollout_returns(model, policy, np.repeat(starts, r, axis=0), horizon, gamma, terminal, gen)
+    disc, undisc, length = rollout_returns(model, policy, np.repeat(starts, r, axis=0), horizon, gamma, terminal, gen,
+                                           model_noise=cfg.model_noise)
     per_start = disc.reshape(-1, r).mean(1)
     per_start_undisc = undisc.reshape(-1, r).mean(1)
     idx = rng.integers(0, len(per_start), size=(resamples, len(per_start)))
@@ -124,7 +132,7 @@ def model_based_estimate(policy: TargetPolicy, ds: Dataset, gamma: float, config
     member_values = []
     few = starts[: cfg.member_starts]
     for m in range(model.members):
-        d, _, _ = rollout_returns(model, policy, few, horizon, gamma, terminal, gen, member=m)
+        d, _, _ = rollout_returns(model, policy, few, horizon, gamma, terminal, gen, member=m, model_noise=cfg.model_noise)
         member_values.append(float(d.mean()))
     return {
         "value": float(disc.mean()), "ci": [lo, hi],
