@@ -25,7 +25,6 @@ Differs from the reference code:
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +48,7 @@ from offlab.nets import (
     polyak,
     take_step,
 )
+from offlab.threads import helper_thread
 
 SEARCHES = ("auto", "kdtree", "exact")
 
@@ -166,17 +166,6 @@ class NearestDatasetAction:
         return self.actions[self.nearest_index(norm_obs, action)]
 
 
-_SEARCH_POOL: ThreadPoolExecutor | None = None
-
-
-def _search_pool() -> ThreadPoolExecutor:
-    """One helper thread per process for the overlapped neighbour search."""
-    global _SEARCH_POOL
-    if _SEARCH_POOL is None:
-        _SEARCH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prdc-search")
-    return _SEARCH_POOL
-
-
 @register
 class PRDC:
     name: ClassVar[str] = "prdc"
@@ -239,7 +228,7 @@ class PRDC:
             # another thread (scipy releases the GIL) while torch runs the critic step.
             with torch.no_grad():
                 pi_now = self.actor(s)
-            pending = _search_pool().submit(index.nearest_index, s, pi_now)
+            pending = helper_thread("prdc-search").submit(index.nearest_index, s, pi_now)
         critic_loss = td3_critic_loss(
             self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2, batch.terminated,
             gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ from scipy.special import digamma, gammaln
 
 from offlab.data.schema import Dataset
 from offlab.errors import DataValidationError, EnvError
+from offlab.threads import helper_thread
 
 # D4RL reference returns (REF_MIN_SCORE, REF_MAX_SCORE) as the authors' notebook uses them for TQ.
 D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
@@ -984,16 +984,6 @@ class QualityResult:
         return not self.problems
 
 
-_HELPER: ThreadPoolExecutor | None = None
-
-
-def _helper_pool() -> ThreadPoolExecutor:
-    global _HELPER
-    if _HELPER is None:
-        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quality-bc")
-    return _HELPER
-
-
 def _timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -1031,7 +1021,7 @@ def quality(ds: Dataset, reference: Reference | Dataset | None = None, cfg: Qual
     timing["diagnostics"] = time.perf_counter() - t0
     # The BC models (one torch thread) train on a helper thread while the neighbour searches run: the two
     # share no state, so the numbers are those of running them one after the other, in less wall time.
-    bc_job = _helper_pool().submit(_timed, behaviour_fit, ds, cfg) if cfg.bc else None
+    bc_job = helper_thread("quality-bc").submit(_timed, behaviour_fit, ds, cfg) if cfg.bc else None
     if reference is not None:
         cov, cov_arrays = coverage_measures(state_actions(ds), reference, cfg)
         timing.update(cov.pop("_timing"))
