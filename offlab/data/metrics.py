@@ -435,8 +435,8 @@ class NeighbourIndex:
 
     Differs from METRICS.md's budget: the brute-force search is faiss's `IndexFlatL2` instead of
     scikit-learn's `NearestNeighbors(algorithm="brute")`. Both are exact; faiss's float32 GEMM plus top-k
-    runs a 50k-point self-query in 16-d about 4x faster on this 2-core CPU (benchmarks/quality.md), which
-    is what brings a 1M-transition report under a minute. Its float32 distances are refined: it returns
+    runs a 50k-point self-query in 16-d 2.2-2.5x faster on this 2-core CPU (benchmarks/quality.md), the
+    largest part of a 1M-transition report at p = 16. Its float32 distances are refined: it returns
     two spare candidates per query, whose distances are recomputed in float64 and re-sorted, so the
     numbers do not depend on float32 rounding (and match the KD-tree's to float64 precision).
     """
@@ -528,6 +528,10 @@ def _ref_cached(ref: Reference, key: tuple, make):
     return ref.cache[key]
 
 
+REFERENCE_CACHE_VERSION = 1
+"""Part of every on-disk reference key: raise it when a cached computation changes, so old files are not read."""
+
+
 def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
     """`_ref_cached`, and also on disk: a tuple of numbers and arrays, stored under a digest of the reference's
     rows and `key` (which must name every setting the value depends on). The value read back is bit-identical."""
@@ -540,7 +544,7 @@ def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
 
     if "_digest" not in ref.cache:
         ref.cache["_digest"] = hashlib.blake2b(np.ascontiguousarray(ref.x).tobytes(), digest_size=16).hexdigest()
-    name = hashlib.blake2b(json.dumps([ref.cache["_digest"], list(ref.x.shape), *key]).encode(),
+    name = hashlib.blake2b(json.dumps([REFERENCE_CACHE_VERSION, ref.cache["_digest"], list(ref.x.shape), *key]).encode(),
                            digest_size=16).hexdigest()
     path = paths.home() / "quality" / "reference" / f"{name}.npz"
     if path.is_file():
