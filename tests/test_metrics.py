@@ -282,3 +282,14 @@ def test_reference_side_statistics_are_reused_from_disk_bit_for_bit(hopper_rando
     off = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random),
                     dataclasses.replace(NO_BC, reference_cache=False)).numbers
     assert off["space"]["reference_cache"] == "off" and off["saco_h"] == first["saco_h"]
+
+
+def test_a_reference_cache_that_cannot_be_written_does_not_fail_the_report(hopper_random, hopper_random_ref,
+                                                                          tmp_path, monkeypatch):
+    blocked = tmp_path / "home"
+    blocked.write_text("a file where OFFLAB_HOME's folder would be")  # mkdir under it raises OSError
+    monkeypatch.setenv("OFFLAB_HOME", str(blocked))
+    n = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random), NO_BC).numbers
+    off = M.quality(hopper_random_ref, M.reference_from_dataset(hopper_random),
+                    dataclasses.replace(NO_BC, reference_cache=False)).numbers
+    assert n["saco_h"] == off["saco_h"] and n["coverage"] == off["coverage"]

@@ -81,7 +81,8 @@ def test_rollouts_take_member_means_unless_model_noise_is_asked_for(hopper_rando
 
     model, _ = fit_dynamics(hopper_random, DynamicsConfig(members=3, hidden=(32, 32), max_updates=200,
                                                           eval_every=100))
-    policy = as_target_policy(lambda o: np.zeros((len(o), 3), np.float32), -np.ones(3), np.ones(3), mode="deterministic")
+    policy = as_target_policy(lambda o: np.zeros((len(o), 3), np.float32), -np.ones(3), np.ones(3),
+                              mode="deterministic")
     starts = hopper_random.obs[hopper_random.episode_starts[:8]]
 
     def run(seed, noise):

@@ -29,6 +29,7 @@ Differs from the reference code:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -544,8 +545,8 @@ def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
 
     if "_digest" not in ref.cache:
         ref.cache["_digest"] = hashlib.blake2b(np.ascontiguousarray(ref.x).tobytes(), digest_size=16).hexdigest()
-    name = hashlib.blake2b(json.dumps([REFERENCE_CACHE_VERSION, ref.cache["_digest"], list(ref.x.shape), *key]).encode(),
-                           digest_size=16).hexdigest()
+    key_text = json.dumps([REFERENCE_CACHE_VERSION, ref.cache["_digest"], list(ref.x.shape), *key])
+    name = hashlib.blake2b(key_text.encode(), digest_size=16).hexdigest()
     path = paths.home() / "quality" / "reference" / f"{name}.npz"
     if path.is_file():
         try:
@@ -557,10 +558,14 @@ def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
         except (OSError, ValueError, KeyError):  # a damaged file: compute again and replace it
             pass
     value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
-    tmp.replace(path)  # written beside, then renamed: a reader never sees half a file
+    try:  # written beside, then renamed: a reader never sees half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
+        tmp.replace(path)
+    except OSError:  # a cache that cannot be written (read-only or full OFFLAB_HOME) must not fail the report
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     ref.cache[key] = value
     return value
 

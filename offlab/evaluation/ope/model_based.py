@@ -16,8 +16,8 @@ Optimization", ICLR 2021, arXiv:2104.13877, the feed-forward baseline), METRICS.
 
 Differs from the reference code: each step takes the chosen member's mean next state, not a sample from
 its Gaussian (`model_noise`; MuJoCo is deterministic, see the config); rollouts run the full horizon H even
-when gamma^t < 1e-3, because the undiscounted return needs it; the CI is the initial-state bootstrap (resampling start states,
-labelled: it ignores model-fit uncertainty) unless B refits are asked for.
+when gamma^t < 1e-3, because the undiscounted return needs it; the CI is the initial-state bootstrap
+(resampling start states, labelled: it ignores model-fit uncertainty) unless B refits are asked for.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def model_based_estimate(policy: TargetPolicy, ds: Dataset, gamma: float, config
     member_values = []
     few = starts[: cfg.member_starts]
     for m in range(model.members):
-        d, _, _ = rollout_returns(model, policy, few, horizon, gamma, terminal, gen, member=m, model_noise=cfg.model_noise)
+        d, _, _ = rollout_returns(model, policy, few, horizon, gamma, terminal, gen, member=m,
+                                  model_noise=cfg.model_noise)
         member_values.append(float(d.mean()))
     return {
         "value": float(disc.mean()), "ci": [lo, hi],
