@@ -110,6 +110,7 @@ def run(args) -> None:
     from offlab import training
     from offlab.config import resolve_run
     from offlab.data import registry
+    from offlab.errors import ConfigError
 
     torch.set_num_threads(1)
     registry.get(args.dataset, progress=True)  # build it once, up front
@@ -122,10 +123,14 @@ def run(args) -> None:
                 print(f"{label}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
                 save_curve(done.info.run_id, args.dataset, label, seed, None)
                 continue
+            result = None
             if done is not None:
                 print(f"{label}-s{seed}: resuming {done.info.run_id}", flush=True)
-                result = training.resume(done.info.run_id, progress=False)
-            else:
+                try:
+                    result = training.resume(done.info.run_id, progress=False)
+                except ConfigError as err:  # killed before its first checkpoint: start over (the newer run wins)
+                    print(f"{label}-s{seed}: cannot resume ({err}); starting a new run", flush=True)
+            if result is None:
                 sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", "threads=1",
                         "checkpoint_every=10000", f"precision={args.precision}"]
                 cfg, _ = resolve_run(None, {"dataset": args.dataset, "algo": algo, "steps": args.steps, "seed": seed},

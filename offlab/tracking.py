@@ -166,8 +166,8 @@ class Tracker:
     # runs ---------------------------------------------------------------------------------------
 
     def start_run(self, run, dataset, device: str) -> str:
-        """Create the run: tags, params (the flattened config), the dataset as input, its quality metrics
-        (when `run.dataset_quality`)."""
+        """Create the run: tags, params (the flattened config) and the dataset as input. Its quality metrics
+        come after, from `log_quality`: they can take a minute, and the run's config should be stored first."""
         from offlab import __version__
         from offlab.config import flatten
 
@@ -185,9 +185,12 @@ class Tracker:
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.log_dataset(dataset)
+        return self.run_id
+
+    def log_quality(self, run, dataset) -> None:
+        """The dataset's quality metrics on this run (when `run.dataset_quality`)."""
         if run.dataset_quality:
             log_dataset_quality(self, dataset)
-        return self.run_id
 
     def get_run(self, run_id: str):
         """The MLflow run `run_id`, or ConfigError when the store has none."""

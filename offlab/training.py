@@ -625,7 +625,8 @@ def fit(run: RunConfig, *, progress: bool = True, on_start=None) -> FitResult:
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / "config.yaml"
     config_file.write_text(run.to_yaml())
-    tracker.log_artifact(config_file)
+    tracker.log_artifact(config_file)  # before the slow quality metrics: a run killed from here on can resume
+    tracker.log_quality(run, dataset)
     if on_start is not None:
         on_start(tracker.run_id)
     return _train(trainer)
@@ -675,6 +676,8 @@ def resume(run_id: str, *, dataset: str | None = None, device: str | None = None
     if state is not None:
         trainer.load_state_dict(state)
     tracker.open_run(run_id)
+    if not any(key.startswith("quality/") for key in tracker.logged_until):  # killed while fit logged them
+        tracker.log_quality(run, ds)
     if on_start is not None:
         on_start(run_id)
     return _train(trainer)

@@ -132,6 +132,29 @@ def test_dataset_quality_is_logged_when_the_metrics_module_provides_it(hopper_ra
     assert np.array_equal(np.random.get_state()[1], before[0]) and torch.equal(torch.get_rng_state(), before[1])
 
 
+def test_a_run_killed_while_logging_dataset_quality_resumes_and_logs_it(monkeypatch):
+    """The quality metrics can take a minute on 1M rows: the run's config is stored before them, so a run
+    killed there resumes from step 0 and logs them then."""
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 5, "eval_episodes": 0}, ["hidden=8"])
+    real = tracking.log_dataset_quality
+    started: list[str] = []
+
+    def killed(tracker, dataset):
+        started.append(tracker.run_id)
+        raise KeyboardInterrupt  # what a SIGKILL leaves behind: a RUNNING run with params, config, no quality
+
+    monkeypatch.setattr(tracking, "log_dataset_quality", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(run, progress=False)
+    run_id = started[0]
+    assert not any(k.startswith("quality/") for k in MlflowClient().get_run(run_id).data.metrics)
+    monkeypatch.setattr(tracking, "log_dataset_quality", real)
+    result = training.resume(run_id, progress=False)
+    got = MlflowClient().get_run(run_id)
+    assert result.step == 5 and got.info.status == "FINISHED"
+    assert any(k.startswith("quality/") for k in got.data.metrics)
+
+
 def test_a_prdc_run_logs_a_pyfunc_policy_and_collect_rolls_it_out(hopper_random):
     """PRDC's neighbour index needs the dataset to train but not to act: its run logs a servable policy,
     and `offlab data collect` builds a dataset from that MLflow model URI in the real simulator."""
