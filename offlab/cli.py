@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# Idle OpenMP threads (faiss's, scikit-learn's, torch's) spin by default. In a quality report they take
+# turns with the BC-fitting thread on few cores, and passive waiting cut a cold 1M-transition walker2d
+# report from 62 s to 49 s (benchmarks/quality.md). It must be set before any OpenMP runtime loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 from rich.console import Console
