@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,16 @@ def test_built_hopper_datasets_have_the_papers_shape():
     cov = {n: q[n]["coverage"]["coverage_at_k"] for n in HOPPER}
     assert cov["hopper-expert"] < cov["hopper-medium"] < cov["hopper-medium-replay"], cov
     assert q["hopper-medium-replay"]["saco_paper"]["saco"] > q["hopper-medium"]["saco_paper"]["saco"]
+
+
+def test_the_cli_lets_openmp_threads_wait_passively_unless_told_otherwise():
+    """Spinning OpenMP pools (faiss, scikit-learn) steal the BC thread's core in a report; the CLI sets
+    OMP_WAIT_POLICY=PASSIVE before any OpenMP runtime loads, and an explicit setting wins."""
+    code = ("import sys, offlab.cli, os; "
+            "print(os.environ['OMP_WAIT_POLICY'], any(m in sys.modules for m in ('torch', 'faiss', 'sklearn')))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split()[0] == "ACTIVE"
