@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,6 +162,17 @@ def test_brute_force_index_above_15_dims_gives_the_kd_trees_exact_neighbours():
     d_tb, i_tb = tree.query(queries, 1, upper_bound=bound)
     np.testing.assert_array_equal(np.isinf(d_bb), np.isinf(d_tb))
     np.testing.assert_array_equal(i_bb, i_tb)
+
+
+def test_a_faiss_search_leaves_torchs_thread_count_as_it_was():
+    """faiss and torch load one OpenMP runtime: a search that set its thread count and left it would change the
+    torch intra-op threads of the training run that logged its dataset's quality (found as runs 15x slower)."""
+    code = ("import torch; torch.set_num_threads(5); x = torch.ones(64, 64); x @ x; before = torch.get_num_threads(); "
+            "import numpy as np; from offlab.data import metrics as M; "
+            "idx = M.NeighbourIndex(np.random.default_rng(0).normal(size=(500, 17))); assert idx.brute; "
+            "idx.query(idx.points[:50], 3); x @ x; idx.query(idx.points[:50], 3); print(before, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["5", "5"]
 
 
 def test_paper_cells_follow_np_digitize_over_five_edges():

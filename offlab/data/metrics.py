@@ -461,9 +461,16 @@ class NeighbourIndex:
     def _brute_query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
+        # faiss and torch share one OpenMP runtime (libgomp.so.1 loads once): its thread count is torch's
+        # intra-op count too, so it is restored after the search, or a training run that logged its
+        # dataset's quality would go on with more torch threads than it asked for
+        threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(_workers())
-        c = min(k + self.SPARE, len(self.points))
-        _, cand = self.index.search(np.ascontiguousarray(q, dtype=np.float32), c)
+        try:
+            c = min(k + self.SPARE, len(self.points))
+            _, cand = self.index.search(np.ascontiguousarray(q, dtype=np.float32), c)
+        finally:
+            faiss.omp_set_num_threads(threads)
         d = np.sqrt(((self.points[cand].astype(np.float64) - q[:, None, :].astype(np.float64)) ** 2).sum(-1))
         order = np.argsort(d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
