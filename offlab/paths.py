@@ -1,9 +1,14 @@
-"""Where offlab keeps things: OFFLAB_HOME (default ~/.offlab) and the repository folders it reads."""
+"""Where offlab keeps things (OFFLAB_HOME, default ~/.offlab, and the repository folders it reads) and how it
+writes a file there all at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +35,39 @@ def catalog_dir() -> Path:
 
 def evaluators_dir() -> Path:
     return REPO_ROOT / "evaluators"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", *, fsync: bool = False) -> Iterator[IO]:
+    """Write `path` all at once: yield a temporary file beside it, rename it over `path` on a clean exit.
+
+    Readers see the old file or the new one, never half of one. On an error (or Ctrl-C) the temporary
+    file is removed and `path` is left as it was. The file gets the permissions `open` would give it.
+    `fsync` forces the bytes to disk before the rename (checkpoints, which must survive a power cut).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import signal
 import threading
@@ -56,6 +55,7 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import mixed_precision
+from offlab.paths import atomic_write
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -84,17 +84,8 @@ def resolve_device(name: str) -> torch.device:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename over it (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, fsync=True) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

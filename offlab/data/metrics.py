@@ -29,7 +29,6 @@ Differs from the reference code:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -565,14 +564,11 @@ def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
         except (OSError, ValueError, KeyError):  # a damaged file: compute again and replace it
             pass
     value = make()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:  # written beside, then renamed: a reader never sees half a file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
-        tmp.replace(path)
+    try:
+        with paths.atomic_write(path) as f:
+            np.savez(f, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
     except OSError:  # a cache that cannot be written (read-only or full OFFLAB_HOME) must not fail the report
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        pass
     ref.cache[key] = value
     return value
 

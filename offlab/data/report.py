@@ -27,6 +27,7 @@ from offlab.data import metrics
 from offlab.data.metrics import QualityConfig, QualityResult, Reference
 from offlab.data.schema import Dataset
 from offlab.errors import DatasetNotFound, OfflabError, SourceUnavailable, TrackingError
+from offlab.paths import atomic_write
 
 EXPERIMENT = "datasets"
 SATURATED_NOTE = "saturated: nearly every row has its own cell, so the count measures N, not coverage"
@@ -201,16 +202,10 @@ def check_writable(path: str | Path) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise OfflabError(f"cannot write '{path}' ({e.strerror or type(e).__name__}); choose a writable --out path") from None
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from offlab import paths
 from offlab.evaluation.ope.policy import TargetPolicy, tanh_gaussian_policy, uniform_policy
+from offlab.paths import atomic_write
 
 TRUTH_TAG = 4  # reset-seed tag, distinct from evaluation (1), online (2), second env (3) in online.py
 
@@ -81,10 +82,8 @@ def monte_carlo(policy: TargetPolicy, env_id: str, gamma: float, episodes: int =
            "length": float(length.mean()), "episodes": episodes, "gamma": gamma, "horizon": int(limit),
            "mode": policy.mode, "sigma": policy.sigma, "seed": seed}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(path)
+        with atomic_write(path, "w") as f:
+            f.write(json.dumps(out))
     return _with_scores(out, ref_scores)
 
 
