@@ -161,6 +161,11 @@ def read_curves() -> dict[str, dict[str, dict[int, list[tuple[int, float, float]
     return out
 
 
+def base_algo(label: str) -> str:
+    """The learner behind a curve's label: td3bc for td3bc, td3bc@bf16 and d3rlpy-td3bc."""
+    return label.split("@")[0].removeprefix("d3rlpy-")
+
+
 def report(args) -> None:
     import numpy as np
 
@@ -168,7 +173,8 @@ def report(args) -> None:
     lines = ["| dataset | learner | seeds | steps | final score (mean ± sd over seeds) | last-5-evals mean | "
              "best eval | published (1M steps) |", "|---|---|---|---|---|---|---|---|"]
     for dataset, algos in curves.items():
-        for algo in ("bc", "td3bc", "iql", "prdc", *sorted(a for a in algos if "@" in a)):
+        for algo in ("bc", "td3bc", "iql", "prdc", *sorted(a for a in algos if "@" in a),
+                     *sorted(a for a in algos if a.startswith("d3rlpy-"))):  # d3rlpy_learning.py's cross-checks
             if algo not in algos:
                 continue
             runs = algos[algo]
@@ -181,7 +187,7 @@ def report(args) -> None:
             seeds = f"{len(runs)}" + (f" ({partial} unfinished)" if partial else "")
             lines.append(f"| {dataset} | {algo} | {seeds} | {steps:,} | {np.mean(finals):.1f}{sd} | "
                          f"{np.mean(last5):.1f} | {np.mean(best):.1f} | "
-                         f"{PUBLISHED.get(dataset, {}).get(algo.split('@')[0], '-')} |")
+                         f"{PUBLISHED.get(dataset, {}).get(base_algo(algo), '-')} |")
     print("\n".join(lines))
     import matplotlib
 
@@ -194,8 +200,9 @@ def report(args) -> None:
         for algo, runs in sorted(algos.items()):
             for i, (seed, rows) in enumerate(sorted(runs.items())):
                 steps = [r[0] for r in rows]
-                ax.plot(steps, [r[1] for r in rows], color=colors.get(algo.split("@")[0]), alpha=0.85,
-                        ls=":" if "@" in algo else "-" if i == 0 else "--", label=f"{algo} s{seed}")
+                style = "-." if algo.startswith("d3rlpy-") else ":" if "@" in algo else "-" if i == 0 else "--"
+                ax.plot(steps, [r[1] for r in rows], color=colors.get(base_algo(algo)), alpha=0.85, ls=style,
+                        label=f"{algo} s{seed}")
             if algo in PUBLISHED.get(dataset, {}):
                 ax.axhline(PUBLISHED[dataset][algo], color=colors.get(algo), lw=0.8, ls=":")
         ax.set_title(f"{dataset} (dotted: published at 1M steps)")
