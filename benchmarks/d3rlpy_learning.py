@@ -32,12 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CURVES = HERE / "learning"
-
-
-def bench_home() -> Path:
-    return Path(os.environ.get("OFFLAB_BENCH_HOME", Path.home() / ".offlab-bench")).expanduser()
+from bench_learning import CURVES, bench_home  # stdlib-only: importable from the d3rlpy venv too
 
 
 def work_dir(dataset: str, algo: str, seed: int) -> Path:
@@ -50,17 +45,15 @@ def work_dir(dataset: str, algo: str, seed: int) -> Path:
 def export(dataset: str) -> Path:
     import numpy as np
 
-    os.environ.setdefault("OFFLAB_HOME", str(bench_home()))
+    from offlab import paths
     from offlab.data import registry
 
     out = bench_home() / "d3rlpy" / f"{dataset}.npz"
     if out.is_file():
         return out
     ds = registry.get(dataset, progress=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, obs=ds.obs, action=ds.action, reward=ds.reward, terminated=ds.terminated, timeouts=ds.truncated)
-    tmp.replace(out)
+    with paths.atomic_write(out) as f:
+        np.savez(f, obs=ds.obs, action=ds.action, reward=ds.reward, terminated=ds.terminated, timeouts=ds.truncated)
     return out
 
 
@@ -68,15 +61,12 @@ def evaluate(args) -> Path:
     import numpy as np
     import torch
 
-    os.environ.setdefault("OFFLAB_HOME", str(bench_home()))
     from offlab.data import registry
     from offlab.evaluation.online import Evaluator
 
     torch.set_num_threads(1)
     card = registry.get(args.dataset, progress=False).card
-    entry = registry.entry(args.dataset)  # reference scores as offlab's training loop finds them
-    ref_min = card.ref_min_score if card.ref_min_score is not None else entry.ref_min_score
-    ref_max = card.ref_max_score if card.ref_max_score is not None else entry.ref_max_score
+    ref_min, ref_max = registry.score_range(args.dataset, card)  # as offlab's training loop finds them
     folder = work_dir(args.dataset, args.algo, args.seed)
     log = {int(r["step"]): r for r in csv.DictReader((folder / "train.csv").open())}
     evaluator = Evaluator(card.env_id, args.episodes, args.seed, dict(card.env_kwargs or {}), ref_min, ref_max)
@@ -183,6 +173,8 @@ def main() -> None:
             s.add_argument("--npz", required=True)
             s.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.cmd != "train":  # offlab's datasets live in the benchmark home, as for bench_learning.py
+        os.environ.setdefault("OFFLAB_HOME", str(bench_home()))
     {"run": run, "evaluate": lambda a: print(evaluate(a)), "train": train}[args.cmd](args)
 
 

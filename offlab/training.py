@@ -55,7 +55,6 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import mixed_precision
-from offlab.paths import atomic_write
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -84,7 +83,7 @@ def resolve_device(name: str) -> torch.device:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename over it (atomic)."""
-    with atomic_write(path, fsync=True) as f:
+    with paths.atomic_write(path, fsync=True) as f:
         torch.save(state, f)
 
 
@@ -362,12 +361,9 @@ class Trainer:
         self.progress = progress
         self.algo_cls = get_algo(run.algo)
         card = dataset.card
-        entry = registry.entry(run.dataset)
         self.env_id = card.env_id
         self.env_kwargs = dict(card.env_kwargs or {})
-        ref_min = card.ref_min_score if card.ref_min_score is not None else (entry.ref_min_score if entry else None)
-        ref_max = card.ref_max_score if card.ref_max_score is not None else (entry.ref_max_score if entry else None)
-        self.ref = (ref_min, ref_max)
+        self.ref = registry.score_range(run.dataset, card)
 
         if run.threads:
             torch.set_num_threads(run.threads)

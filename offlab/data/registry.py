@@ -64,6 +64,15 @@ def entry(name: str) -> CatalogEntry | None:
     return catalog().get(name)
 
 
+def score_range(name: str, card) -> tuple[float | None, float | None]:
+    """The D4RL normalisation returns (REF_MIN_SCORE, REF_MAX_SCORE) of dataset `name`: its card's, else its
+    catalog entry's, else None."""
+    e = entry(name)
+    ref_min = card.ref_min_score if card.ref_min_score is not None else (e.ref_min_score if e else None)
+    ref_max = card.ref_max_score if card.ref_max_score is not None else (e.ref_max_score if e else None)
+    return ref_min, ref_max
+
+
 def known_names() -> list[str]:
     return sorted(set(catalog()) | set(store.list_local()))
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from offlab import paths
 from offlab.evaluation.ope.policy import TargetPolicy, tanh_gaussian_policy, uniform_policy
-from offlab.paths import atomic_write
 
 TRUTH_TAG = 4  # reset-seed tag, distinct from evaluation (1), online (2), second env (3) in online.py
 
@@ -82,7 +81,7 @@ def monte_carlo(policy: TargetPolicy, env_id: str, gamma: float, episodes: int =
            "length": float(length.mean()), "episodes": episodes, "gamma": gamma, "horizon": int(limit),
            "mode": policy.mode, "sigma": policy.sigma, "seed": seed}
     if path is not None:
-        with atomic_write(path, "w") as f:
+        with paths.atomic_write(path, "w") as f:
             f.write(json.dumps(out))
     return _with_scores(out, ref_scores)
 
