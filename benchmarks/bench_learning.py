@@ -166,10 +166,20 @@ def base_algo(label: str) -> str:
     return label.split("@")[0].removeprefix("d3rlpy-")
 
 
+def data_builds(dataset: str, algo: str, seeds) -> dict[int, str]:
+    """Each finished seed's dataset content hash (from the run's .json beside its curve; '?' when missing)."""
+    out = {}
+    for seed in seeds:
+        meta = CURVES / dataset / f"{algo}-s{seed}.json"
+        out[seed] = (json.loads(meta.read_text()).get("dataset_hash") or "?") if meta.exists() else "?"
+    return out
+
+
 def report(args) -> None:
     import numpy as np
 
     curves = read_curves()
+    mixed: list[str] = []  # rows whose seeds trained on different builds of the dataset
     lines = ["| dataset | learner | seeds | steps | final score (mean ± sd over seeds) | last-5-evals mean | "
              "best eval | published (1M steps) |", "|---|---|---|---|---|---|---|---|"]
     for dataset, algos in curves.items():
@@ -185,9 +195,15 @@ def report(args) -> None:
             sd = f" ± {np.std(finals, ddof=1):.1f}" if len(finals) > 1 else ""
             partial = sum((dataset, algo, seed) in PARTIAL for seed in runs)
             seeds = f"{len(runs)}" + (f" ({partial} unfinished)" if partial else "")
+            builds = data_builds(dataset, algo, runs)
+            if len(set(builds.values())) > 1:  # a rebuilt dataset (e.g. another MuJoCo version) is other data
+                seeds += " †"
+                mixed.append(f"{dataset} {algo}: " + ", ".join(f"s{s} on {h[:8]}" for s, h in sorted(builds.items())))
             lines.append(f"| {dataset} | {algo} | {seeds} | {steps:,} | {np.mean(finals):.1f}{sd} | "
                          f"{np.mean(last5):.1f} | {np.mean(best):.1f} | "
                          f"{PUBLISHED.get(dataset, {}).get(base_algo(algo), '-')} |")
+    if mixed:
+        lines += ["", "† seeds trained on different builds of the dataset (content hash):", *(f"- {m}" for m in mixed)]
     print("\n".join(lines))
     import matplotlib
 
