@@ -443,7 +443,8 @@ def log_dataset_quality(run, dataset) -> dict[str, float]:
 
 
 def compare_runs(dataset: str, metric: str = "eval/normalized_score", uri: str | None = None) -> list[dict[str, Any]]:
-    """The runs of one dataset side by side: run, algo, seed, steps, status, final and best `metric`."""
+    """The runs of one dataset side by side: run, algo, seed, steps, status, final and best `metric`, and the
+    content hash of the data each trained on (a dataset rebuilt under another simulator version is other data)."""
     tracker = Tracker(uri)
     exp = tracker.experiment_id(dataset, create=False)
     if exp is None:
@@ -468,6 +469,7 @@ def compare_runs(dataset: str, metric: str = "eval/normalized_score", uri: str |
             "status": run.info.status,
             "final": values[-1] if values else None,
             "best": (min(values) if lower_is_better else max(values)) if values else None,
+            "dataset_hash": tags.get("dataset_hash"),
         })
     return rows
 

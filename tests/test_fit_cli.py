@@ -60,6 +60,32 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
     assert table.exit_code == 0 and "td3bc-s4" in table.stdout
 
 
+def test_compare_flags_runs_that_trained_on_different_builds_of_a_dataset(hopper_random):
+    from offlab.data.store import write_dataset
+    from tests.helpers import make_sim_dataset
+
+    def fit(seed: int):
+        run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 4, "eval_every": 4, "eval_episodes": 1,
+                                    "seed": seed}, ["hidden=8", "dataset_quality=false"])
+        return training.fit(run, progress=False)
+
+    first = fit(0)
+    same = CliRunner().invoke(app, ["compare", "--dataset", TINY])
+    assert same.exit_code == 0 and "different builds" not in same.stdout
+    # the same name rebuilt with other data (as another simulator version would give)
+    rebuilt = write_dataset(make_sim_dataset("Hopper-v5", steps=1000, seed=1, name=TINY), TINY, overwrite=True)
+    assert rebuilt.card.content_hash != hopper_random.card.content_hash
+    second = fit(1)
+
+    rows = {r["run_id"]: r for r in json.loads(run_cli("compare", "--dataset", TINY, "--json").stdout)}
+    assert rows[first.run_id]["dataset_hash"] == hopper_random.card.content_hash
+    assert rows[second.run_id]["dataset_hash"] == rebuilt.card.content_hash
+    table = run_cli("compare", "--dataset", TINY, env=dict(os.environ, COLUMNS="200"))
+    assert table.returncode == 0, table.stderr
+    assert "2 different builds of 'hopper-tiny'" in table.stdout
+    assert hopper_random.card.content_hash[:8] in table.stdout and rebuilt.card.content_hash[:8] in table.stdout
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--dataset", TINY, "--algo", "td3bcc"], ["unknown learner 'td3bcc'", "did you mean 'td3bc'", "bc", "prdc"]),
     (["--dataset", "hoper-medium", "--algo", "bc"], ["dataset 'hoper-medium'", "did you mean 'hopper-medium'"]),
