@@ -341,18 +341,20 @@ def compare_cmd(
     if as_json:
         print_json(rows)
         return
-    builds = sorted({r["dataset_hash"] for r in rows if r["dataset_hash"]})
+    builds = {r["dataset_hash"] for r in rows if r["dataset_hash"]}
+    mixed = len(builds) > 1  # the name was rebuilt (e.g. under another simulator version) between runs
     table = Table(title=f"{dataset}: {metric}")
-    columns = ["run", "run id", "algo", "seed", "steps", "status", "final", "best"] + (["data"] if len(builds) > 1 else [])
-    for col in columns:
+    for col in ("run", "run id", "algo", "seed", "steps", "status", "final", "best", *(["data"] if mixed else [])):
         table.add_column(col, justify="right" if col in ("steps", "final", "best") else "left")
     fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
     for r in sorted(rows, key=lambda r: -(r["final"] if r["final"] is not None else float("-inf"))):
         cells = [r["run"], r["run_id"], r["algo"], str(r["seed"]), fmt(r["steps"]), r["status"], fmt(r["final"]),
                  fmt(r["best"])]
-        table.add_row(*cells, *([(r["dataset_hash"] or "?")[:8]] if len(builds) > 1 else []))
+        if mixed:
+            cells.append((r["dataset_hash"] or "?")[:8])
+        table.add_row(*cells)
     console.print(table)
-    if len(builds) > 1:
+    if mixed:
         console.print(f"[yellow]note:[/] these runs trained on {len(builds)} different builds of '{dataset}' "
                       f"(column 'data': content hash); scores of different builds are on different data")
 
