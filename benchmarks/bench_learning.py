@@ -1,6 +1,7 @@
 """Learning benchmark: offlab's learners on built D4RL-style datasets, curves and final scores (run by hand).
 
     python benchmarks/bench_learning.py run --dataset hopper-medium --algos td3bc,prdc,bc,iql --seeds 0,1 --steps 200000
+    python benchmarks/bench_learning.py run --dataset halfcheetah-medium --algos prdc --seeds 0 --search ivf
     python benchmarks/bench_learning.py snapshot          # curves of unfinished runs as *.partial.csv
     python benchmarks/bench_learning.py report            # benchmarks/learning.md table + benchmarks/learning.png
 
@@ -47,7 +48,7 @@ def use_bench_stores() -> None:
     os.chdir(home)  # the local MLflow artifact folder lands here too
 
 
-def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32"):
+def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32", search: str = "auto"):
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -58,6 +59,8 @@ def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "f
                                                    f"and params.steps = '{steps}'", order_by=["start_time DESC"])
     # runs from before RunConfig.precision existed have no such param: they ran in float32
     runs = [r for r in runs if r.data.params.get("precision", "float32") == precision]
+    if algo == "prdc":
+        runs = [r for r in runs if r.data.params.get("algo.nn_search", "auto") == search]
     return runs[0] if runs else None
 
 
@@ -116,8 +119,11 @@ def run(args) -> None:
     registry.get(args.dataset, progress=True)  # build it once, up front
     for seed in [int(s) for s in args.seeds.split(",")]:
         for algo in args.algos.split(","):
-            label = algo if args.precision == "float32" else f"{algo}@{args.precision}"  # the curve file's name
-            done = find_run(args.dataset, algo, seed, args.steps, args.precision)
+            search = args.search if algo == "prdc" else "auto"
+            # the curve file's name: the learner, then what differs from its defaults
+            label = algo + (f"@{args.precision}" if args.precision != "float32" else "") + (
+                f"@{search}" if search != "auto" else "")
+            done = find_run(args.dataset, algo, seed, args.steps, args.precision, search)
             t0 = time.time()
             if done is not None and done.info.status == "FINISHED":
                 print(f"{label}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
@@ -133,6 +139,8 @@ def run(args) -> None:
             if result is None:
                 sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", "threads=1",
                         "checkpoint_every=10000", f"precision={args.precision}"]
+                if search != "auto":
+                    sets.append(f"nn_search={search}")
                 cfg, _ = resolve_run(None, {"dataset": args.dataset, "algo": algo, "steps": args.steps, "seed": seed},
                                      sets)
                 print(f"{label}-s{seed}: training {args.steps} steps on {args.dataset}", flush=True)
@@ -241,6 +249,8 @@ def main() -> None:
     r.add_argument("--eval-every", type=int, default=10_000)
     r.add_argument("--eval-episodes", type=int, default=10)
     r.add_argument("--precision", default="float32", help="float32, or bf16 (curves saved as <algo>@bf16-s<seed>)")
+    r.add_argument("--search", default="auto", choices=("auto", "kdtree", "exact", "ivf"),
+                   help="PRDC's nn_search (curves saved as prdc@<search>-s<seed> unless auto)")
     r.set_defaults(fn=run)
     sub.add_parser("snapshot").set_defaults(fn=snapshot)
     s = sub.add_parser("report")

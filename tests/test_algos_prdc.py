@@ -45,7 +45,7 @@ HAND_OBS = [0.0, 0.0, 1.0, 2.0]
 HAND_ACTIONS = [-1.0, 1.0, 0.5, -0.5]
 
 
-@pytest.mark.parametrize("search", ["kdtree", "exact"])
+@pytest.mark.parametrize("search", ["kdtree", "exact", "ivf"])
 def test_constraint_target_is_the_action_of_the_nearest_beta_state_action_pair(search):
     learner = make(table(HAND_OBS, HAND_ACTIONS), beta=1.0, normalize_states=False, nn_search=search)
     # key (0, 0.8): nearest (0, 1) -> 1;  (0.9, -0.2): nearest (1, 0.5) [d^2 .5] over (0,-1) [1.45] -> 0.5
@@ -112,6 +112,31 @@ def test_index_equals_brute_force_argmin_on_100_random_queries(hopper_random, se
         assert (idx == brute).mean() >= 0.95
 
 
+def test_ivf_search_is_reproducible_and_finds_the_exact_neighbour_for_nearly_every_query(hopper_random):
+    """nn_search=ivf is approximate: it scans the 8 of ~sqrt(N) k-means cells nearest each query. On real
+    data, for policy-like queries (a dataset state, an action 0.3 off the logged one), it returns the exact
+    neighbour for nearly all and a near-equal one for the rest; a dataset key finds itself."""
+    data = Transitions(hopper_random)
+    norm_obs = data.obs  # any fixed normalisation: the index does not care
+    ivf = NearestDatasetAction(norm_obs, data.action, 2.0, "ivf", torch.device("cpu"))
+    again = NearestDatasetAction(norm_obs, data.action, 2.0, "ivf", torch.device("cpu"))
+    tree = NearestDatasetAction(norm_obs, data.action, 2.0, "kdtree", torch.device("cpu"))
+    assert ivf.ivf.nlist == 45 and ivf.ivf.nprobe == 8  # round(sqrt(2000)) cells
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(len(data), (500,), generator=g)
+    s = norm_obs[rows]
+    a = (data.action[rows] + 0.3 * torch.randn(500, data.action.shape[1], generator=g)).clamp(-1, 1)
+    found, exact = ivf.nearest_index(s, a), tree.nearest_index(s, a)
+    torch.testing.assert_close(again.nearest_index(s, a), found, rtol=0, atol=0)
+    keys = torch.cat([2.0 * norm_obs, data.action], 1).double()
+    query = torch.cat([2.0 * s, a], 1).double()
+    ratio = (keys[found] - query).norm(dim=1) / (keys[exact] - query).norm(dim=1)
+    assert (found == exact).float().mean() >= 0.98
+    assert ratio.min() >= 1.0 - 1e-6 and ratio.mean() <= 1.005 and ratio.max() <= 1.2
+    own = ivf.nearest_index(norm_obs[:300], data.action[:300])
+    assert (keys[own] - keys[:300]).norm(dim=1).max() <= 1e-6
+
+
 def test_exact_search_chunks_agree_with_one_chunk(hopper_random):
     data = Transitions(hopper_random)
     s = torch.randn(64, data.obs.shape[1], generator=torch.Generator().manual_seed(2))
@@ -170,6 +195,8 @@ def test_bad_settings_are_config_errors(hopper_random):
         PRDC(PRDCConfig(hidden=SMALL, nn_search="faiss"), spec)
     with pytest.raises(ConfigError, match="k=1"):
         PRDC(PRDCConfig(hidden=SMALL, k=3), spec)
+    with pytest.raises(ConfigError, match="ivf_probe"):
+        PRDC(PRDCConfig(hidden=SMALL, nn_search="ivf", ivf_probe=0), spec)
     spec.data = None  # without the dataset PRDC can act (a rebuilt policy) but not train
     learner = PRDC(PRDCConfig(hidden=SMALL), spec)
     assert learner.act(hopper_random.obs[:2]).shape == (2, 3)
@@ -177,11 +204,13 @@ def test_bad_settings_are_config_errors(hopper_random):
         learner.update(data.sample(4, torch.Generator().manual_seed(0)))
 
 
-def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random):
+@pytest.mark.parametrize("search", ["kdtree", "ivf"])
+def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random, search):
     data = Transitions(hopper_random)
     runs = []
     for overlap in (True, False):
-        learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap), LearnerSpec.from_transitions(data))
+        learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap, nn_search=search),
+                       LearnerSpec.from_transitions(data))
         g = torch.Generator().manual_seed(5)
         for _ in range(12):
             learner.update(data.sample(64, g))

@@ -17,6 +17,11 @@ Differs from the reference code:
   of a critic step.
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
+- Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
+  neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
+  dominate) an exact search over 1M keys has to visit most of them: about 1.9 s per 256 queries on one
+  core, where the inverted file takes about 30 ms and returns the exact neighbour for >= 99.6% of
+  queries, the rest at most 1.1% farther (benchmarks/learner_speed.md).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
   never disagree about normalisation.
 - The twin critics are one 2-member vectorised ensemble.
@@ -25,6 +30,7 @@ Differs from the reference code:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,9 +54,9 @@ from offlab.nets import (
     polyak,
     take_step,
 )
-from offlab.threads import helper_thread
+from offlab.threads import faiss_threads, helper_thread
 
-SEARCHES = ("auto", "kdtree", "exact")
+SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
 
 @dataclass
@@ -84,9 +90,13 @@ class PRDCConfig:
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3), in training and in the index keys."""
     nn_search: str = "auto"
-    """Nearest-neighbour search: kdtree (scipy, CPU), exact (chunked torch), auto (kdtree on CPU, exact on CUDA)."""
+    """Nearest-neighbour search: kdtree (scipy, CPU), exact (chunked torch), auto (kdtree on CPU, exact on CUDA);
+    ivf (faiss inverted file, approximate: for CPUs where the exact search is too slow, e.g. halfcheetah)."""
+    ivf_probe: int = 8
+    """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
-    """Run the KD-tree search in a helper thread while the critic steps (same results; faster with a free core)."""
+    """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results; faster with a free
+    core)."""
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -102,11 +112,12 @@ class NearestDatasetAction:
 
     Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host with one thread;
     `exact` computes all distances on the keys' device in chunks (the choice for a GPU, where a host
-    round trip costs more than the arithmetic).
+    round trip costs more than the arithmetic). `ivf` is approximate: faiss's inverted file splits the
+    keys into about sqrt(N) k-means cells and scans only the `ivf_probe` cells nearest each query.
     """
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
-                 device: torch.device, chunk_rows: int = 65_536):
+                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8):
         self.beta = float(beta)
         self.search = search
         self.chunk_rows = chunk_rows
@@ -123,6 +134,8 @@ class NearestDatasetAction:
             if len(keys64) > 1:
                 _, self.rotation = np.linalg.eigh(np.cov(keys64 - self.key_mean, rowvar=False))
             self.tree = cKDTree((keys64 - self.key_mean) @ self.rotation, balanced_tree=False)
+        elif search == "ivf":
+            self.ivf = self._build_ivf(keys.cpu().numpy().astype(np.float32), ivf_probe)
         else:
             self.keys = keys.to(device)
             self.key_sq_norms = (self.keys**2).sum(dim=1)
@@ -132,6 +145,32 @@ class NearestDatasetAction:
 
     def _query(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.beta * norm_obs.detach(), action.detach()], dim=1)
+
+    @staticmethod
+    def _build_ivf(keys: np.ndarray, probe: int):
+        import faiss
+
+        # about sqrt(N) cells, with the >= 39 training points per cell faiss's k-means asks for
+        cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], cells)
+        index.cp.seed = 0
+        with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
+            index.train(keys)
+            index.add(keys)
+        index.nprobe = min(probe, cells)
+        return index
+
+    def _ivf_index(self, query: np.ndarray) -> torch.Tensor:
+        import faiss
+
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        with faiss_threads(1):  # one core, as the KD-tree search (it may run beside the critic step)
+            _, idx = self.ivf.search(query, 1)
+            idx = idx[:, 0]
+            empty = idx < 0  # every probed cell was empty: search them all
+            if empty.any():
+                _, idx[empty] = self.ivf.search(query[empty], 1, params=faiss.SearchParametersIVF(nprobe=self.ivf.nlist))
+        return torch.from_numpy(idx.astype(np.int64)).to(self.actions.device)
 
     def _tree_index(self, query: np.ndarray) -> torch.Tensor:
         _, idx = self.tree.query((query - self.key_mean) @ self.rotation, k=1, workers=1)
@@ -159,6 +198,8 @@ class NearestDatasetAction:
         query = self._query(norm_obs, action)
         if self.search == "kdtree":
             return self._tree_index(query.cpu().numpy().astype(np.float64))
+        if self.search == "ivf":
+            return self._ivf_index(query.cpu().numpy())
         return self._exact_index(query)
 
     def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -176,6 +217,8 @@ class PRDC:
             raise ConfigError(f"nn_search '{config.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
         if config.k != 1:
             raise ConfigError(f"PRDC supports k=1 only (got k={config.k}); the paper uses k=1, --set k=1")
+        if config.ivf_probe < 1:
+            raise ConfigError(f"ivf_probe must be at least 1 (got {config.ivf_probe}); e.g. --set ivf_probe=8")
         self.cfg = config
         self.spec = spec
         self.device = torch.device(device)
@@ -207,7 +250,7 @@ class PRDC:
             with torch.no_grad():
                 norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
-                                                               self.device)
+                                                               self.device, ivf_probe=config.ivf_probe)
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -223,7 +266,7 @@ class PRDC:
         s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
         pending = None
-        if actor_step and cfg.overlap_search and index.search == "kdtree":
+        if actor_step and cfg.overlap_search and index.search in ("kdtree", "ivf"):
             # The critic step does not change the actor, so pi(s) and its neighbour are known now: search on
             # another thread (scipy releases the GIL) while torch runs the critic step.
             with torch.no_grad():

@@ -40,7 +40,7 @@ from scipy.special import digamma, gammaln
 
 from offlab.data.schema import Dataset
 from offlab.errors import DataValidationError, EnvError
-from offlab.threads import helper_thread
+from offlab.threads import faiss_threads, helper_thread
 
 # D4RL reference returns (REF_MIN_SCORE, REF_MAX_SCORE) as the authors' notebook uses them for TQ.
 D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
@@ -458,18 +458,11 @@ class NeighbourIndex:
             self.tree = cKDTree(points, leafsize=40)
 
     def _brute_query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        # faiss and torch share one OpenMP runtime (libgomp.so.1 loads once): its thread count is torch's
-        # intra-op count too, so it is restored after the search, or a training run that logged its
-        # dataset's quality would go on with more torch threads than it asked for
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(_workers())
-        try:
+        # all cores for the search, then torch's own thread count back (a training run that logged its
+        # dataset's quality goes on with the threads it asked for)
+        with faiss_threads(_workers()):
             c = min(k + self.SPARE, len(self.points))
             _, cand = self.index.search(np.ascontiguousarray(q, dtype=np.float32), c)
-        finally:
-            faiss.omp_set_num_threads(threads)
         d = np.sqrt(((self.points[cand].astype(np.float64) - q[:, None, :].astype(np.float64)) ** 2).sum(-1))
         order = np.argsort(d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
