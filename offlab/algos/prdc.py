@@ -19,9 +19,9 @@ Differs from the reference code:
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
   neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
-  dominate) an exact search over 1M keys has to visit most of them: about 1.9 s per 256 queries on one
-  core, where the inverted file takes about 30 ms and returns the exact neighbour for >= 99.6% of
-  queries, the rest at most 1.1% farther (benchmarks/learner_speed.md).
+  dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
+  core, where the inverted file takes about 40 ms and returns the exact neighbour for >= 99.6% of
+  queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
   never disagree about normalisation.
 - The twin critics are one 2-member vectorised ensemble.
@@ -90,13 +90,11 @@ class PRDCConfig:
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3), in training and in the index keys."""
     nn_search: str = "auto"
-    """Nearest-neighbour search: kdtree (scipy, CPU), exact (chunked torch), auto (kdtree on CPU, exact on CUDA);
-    ivf (faiss inverted file, approximate: for CPUs where the exact search is too slow, e.g. halfcheetah)."""
+    """Neighbour search: kdtree (scipy), exact (chunked torch), auto (kdtree on CPU, exact on CUDA), ivf (approximate)."""
     ivf_probe: int = 8
     """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
-    """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results; faster with a free
-    core)."""
+    """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
