@@ -137,6 +137,29 @@ def test_ivf_search_is_reproducible_and_finds_the_exact_neighbour_for_nearly_eve
     assert (keys[own] - keys[:300]).norm(dim=1).max() <= 1e-6
 
 
+def test_ivf_search_falls_back_to_every_cell_when_the_probed_cells_are_empty():
+    """A query whose probed cells hold no key (here: every key removed from the nearest cells) still gets
+    the nearest of the remaining keys, never faiss's -1."""
+    g = torch.Generator().manual_seed(5)
+    obs, actions = torch.randn(4000, 3, generator=g), torch.rand(4000, 1, generator=g) * 2 - 1
+    ivf = NearestDatasetAction(obs, actions, 1.0, "ivf", torch.device("cpu"), ivf_probe=1)
+    query_s, query_a = obs[:1], actions[:1]
+    _, cell = ivf.ivf.quantizer.search(torch.cat([query_s, query_a], 1).numpy(), 1)
+    ivf.ivf.invlists.resize(int(cell[0, 0]), 0)  # empty the one cell a probe of 1 would scan
+    found = int(ivf.nearest_index(query_s, query_a)[0])
+    keys = torch.cat([obs, actions], 1)
+    listed = np.concatenate([faiss_list(ivf.ivf, c) for c in range(ivf.ivf.nlist)])
+    d = (keys[listed] - keys[0]).norm(dim=1)
+    assert found in set(listed.tolist()) and (keys[found] - keys[0]).norm() == d.min()
+
+
+def faiss_list(index, cell: int) -> np.ndarray:
+    import faiss
+
+    n = index.invlists.list_size(cell)
+    return faiss.rev_swig_ptr(index.invlists.get_ids(cell), n).copy() if n else np.zeros(0, np.int64)
+
+
 def test_exact_search_chunks_agree_with_one_chunk(hopper_random):
     data = Transitions(hopper_random)
     s = torch.randn(64, data.obs.shape[1], generator=torch.Generator().manual_seed(2))

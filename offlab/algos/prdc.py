@@ -167,7 +167,8 @@ class NearestDatasetAction:
             idx = idx[:, 0]
             empty = idx < 0  # every probed cell was empty: search them all
             if empty.any():
-                _, idx[empty] = self.ivf.search(query[empty], 1, params=faiss.SearchParametersIVF(nprobe=self.ivf.nlist))
+                everywhere = faiss.SearchParametersIVF(nprobe=self.ivf.nlist)
+                idx[empty] = self.ivf.search(query[empty], 1, params=everywhere)[1][:, 0]
         return torch.from_numpy(idx.astype(np.int64)).to(self.actions.device)
 
     def _tree_index(self, query: np.ndarray) -> torch.Tensor:
