@@ -138,8 +138,8 @@ def test_ivf_search_is_reproducible_and_finds_the_exact_neighbour_for_nearly_eve
 
 
 def test_ivf_search_falls_back_to_every_cell_when_the_probed_cells_are_empty():
-    """A query whose probed cells hold no key (here: every key removed from the nearest cells) still gets
-    the nearest of the remaining keys, never faiss's -1."""
+    """A query whose probed cells hold no key (here: the one cell a probe of 1 scans, emptied by hand) still
+    gets the nearest of the remaining keys, never faiss's -1."""
     g = torch.Generator().manual_seed(5)
     obs, actions = torch.randn(4000, 3, generator=g), torch.rand(4000, 1, generator=g) * 2 - 1
     ivf = NearestDatasetAction(obs, actions, 1.0, "ivf", torch.device("cpu"), ivf_probe=1)

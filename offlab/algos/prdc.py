@@ -141,6 +141,11 @@ class NearestDatasetAction:
     def __len__(self) -> int:
         return len(self.actions)
 
+    @property
+    def on_host(self) -> bool:
+        """The search runs in scipy or faiss on the CPU, outside torch (kdtree, ivf): it can overlap a torch step."""
+        return self.search in ("kdtree", "ivf")
+
     def _query(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.beta * norm_obs.detach(), action.detach()], dim=1)
 
@@ -265,9 +270,9 @@ class PRDC:
         s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
         pending = None
-        if actor_step and cfg.overlap_search and index.search in ("kdtree", "ivf"):
+        if actor_step and cfg.overlap_search and index.on_host:
             # The critic step does not change the actor, so pi(s) and its neighbour are known now: search on
-            # another thread (scipy releases the GIL) while torch runs the critic step.
+            # another thread (scipy and faiss release the GIL) while torch runs the critic step.
             with torch.no_grad():
                 pi_now = self.actor(s)
             pending = helper_thread("prdc-search").submit(index.nearest_index, s, pi_now)
