@@ -138,9 +138,9 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, timeout: float = REACH_TIMEOUT_S):
         self.uri = check_reachable(uri, timeout)
-        self.client = MlflowClient(self.uri)
         try:
-            with _quiet("mlflow"):  # a new sqlite store creates its tables here, with INFO lines
+            self.client = quiet_client(self.uri)
+            with _quiet("mlflow"):
                 self.client.search_experiments(max_results=1)
         except MlflowException as e:
             raise TrackingError(f"MLflow store {self.uri} cannot be used: {_one_line(e)}") from None
@@ -338,6 +338,13 @@ def load_run_policy(run_id: str, uri: str | None = None):
         return mlflow.pyfunc.load_model(f"runs:/{run_id}/policy")
 
 
+def quiet_client(uri: str) -> MlflowClient:
+    """MlflowClient(uri) without MLflow's INFO lines ("Creating initial MLflow database tables...") when it
+    creates a fresh sqlite store: those are MLflow's bookkeeping, not offlab's output."""
+    with _quiet("mlflow"):
+        return MlflowClient(uri)
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str):
     """Only warnings and errors from a logger (MLflow logs INFO lines while saving a model)."""
@@ -432,7 +439,7 @@ def log_dataset_quality(run, dataset) -> dict[str, float]:
     if isinstance(run, Tracker):
         run.log_metrics(values, step=0)
     else:
-        client = MlflowClient(tracking_uri())
+        client = quiet_client(tracking_uri())
         batch = [Metric(k, v, 0, 0) for k, v in values.items()]
         for i in range(0, len(batch), 1000):
             client.log_batch(str(run), metrics=batch[i:i + 1000])

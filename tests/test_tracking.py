@@ -212,3 +212,11 @@ def test_fit_with_ope_logs_the_estimates_on_the_training_run(hopper_random):
     again = ope.estimate(learner, data, "fqe", fqe=FQEConfig(updates=40, seed=2), seed=2)
     assert got.data.tags["ope.behavior"].startswith("fit")  # no logged behaviour density: one was fitted
     assert again["estimates"]["fqe"]["value"] == pytest.approx(result.ope["fqe"]["value"], rel=1e-5)
+
+
+def test_a_fresh_sqlite_store_is_created_without_mlflow_info_lines(tmp_path, capfd):
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    tracking.Tracker(uri).experiment_id("hopper-tiny")
+    assert (tmp_path / "fresh" / "mlflow.db").is_file()
+    err = capfd.readouterr().err
+    assert "Creating initial MLflow database tables" not in err and "INFO" not in err, err

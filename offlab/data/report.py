@@ -601,11 +601,12 @@ def _log_run(run_name: str, tags: dict, params: dict, metric_values: dict[str, f
              dicts: dict[str, Any], inputs: list[Dataset]) -> str:
     try:
         import mlflow
-        from mlflow.tracking import MlflowClient
+
+        from offlab.tracking import quiet_client
 
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
+        client = quiet_client(uri)
         exp_id = _experiment_id(client, uri)
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
             mlflow.set_tags(tags)
@@ -631,9 +632,9 @@ def _log_run(run_name: str, tags: dict, params: dict, metric_values: dict[str, f
 def logged_plane_points(env_id: str, reference_id: str) -> list[dict[str, Any]]:
     """The latest logged report of every dataset of `env_id` measured against `reference_id` (for the plane)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from offlab.tracking import quiet_client
 
-        client = MlflowClient(tracking_uri())
+        client = quiet_client(tracking_uri())
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             return []
