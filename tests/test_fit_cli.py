@@ -131,6 +131,14 @@ def test_more_bad_settings_name_the_problem(tmp_path):
         ({"dataset": TINY, "algo": "bc"}, ["online_ratio=1.5"], "online_ratio must be in [0, 1]"),
         ({"dataset": TINY, "algo": "bc"}, ["top_fraction=abc"], "'top_fraction' expects float"),
         ({"dataset": TINY, "algo": "bc", "precision": "fp16"}, [], "precision 'fp16' is not one of float32, bf16"),
+        # learner settings out of range fail here, before any data is loaded, naming a value that works
+        ({"dataset": TINY, "algo": "td3bc"}, ["alpha=-1"], "alpha must be in [0, inf), got -1.0; e.g. --set alpha=2.5"),
+        ({"dataset": TINY, "algo": "iql"}, ["expectile=1.5"], "expectile must be in (0, 1), got 1.5"),
+        ({"dataset": TINY, "algo": "prdc"}, ["tau=0"], "tau must be in (0, 1], got 0.0"),
+        ({"dataset": TINY, "algo": "prdc"}, ["ivf_probe=0"], "ivf_probe must be in [1, inf), got 0"),
+        ({"dataset": TINY, "algo": "prdc"}, ["hidden=256,0"], "hidden must list positive layer widths, got [256, 0]"),
+        ({"dataset": TINY, "algo": "bc"}, ["top_fraction=0"], "top_fraction must be in (0, 1], got 0.0"),
+        ({"dataset": TINY, "algo": "bc"}, ["lr=nan"], "lr must be in (0, inf), got nan"),
     ]
     for flags, sets, message in cases:
         with pytest.raises(ConfigError) as err:

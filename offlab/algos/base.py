@@ -16,6 +16,7 @@ attributes (`needs_env`, `needs_second_env`), and the loop provides it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -101,3 +102,25 @@ def get_algo(name: str) -> type:
 
 def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def check_settings(config: Any, **intervals: str) -> None:
+    """Raise ConfigError (one line) for the first setting outside its interval, checked at construction.
+
+    Intervals read as written: `gamma="[0, 1]"`, `tau="(0, 1]"`, `alpha="[0, inf)"`. A config with a
+    `hidden` field must give a non-empty list of positive layer widths. The message suggests the field's
+    default, a value that works, so a bad `--set` fails before any data is loaded.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    hidden = getattr(config, "hidden", None)
+    if hidden is not None and (len(hidden) == 0 or any(int(h) < 1 for h in hidden)):
+        example = ",".join(str(h) for h in defaults["hidden"])
+        raise ConfigError(f"hidden must list positive layer widths, got {list(hidden)}; e.g. --set hidden={example}")
+    for name, interval in intervals.items():
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        value = getattr(config, name)
+        above = value > low if interval[0] == "(" else value >= low
+        below = value < high if interval[-1] == ")" else value <= high
+        if not (above and below) or math.isnan(value):
+            raise ConfigError(f"{name} must be in {interval}, got {value}; e.g. --set {name}={defaults[name]}")
+

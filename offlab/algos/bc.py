@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from offlab.algos.base import LearnerSpec, register
-from offlab.errors import ConfigError
+from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.nets import (
     DeterministicActor,
     Normalizer,
@@ -58,6 +57,9 @@ class BCConfig:
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3)."""
 
+    def __post_init__(self):
+        check_settings(self, lr="(0, inf)", top_fraction="(0, 1]", weight_decay="[0, inf)")
+
 
 def bc_loss(actor: torch.nn.Module, obs: torch.Tensor, action: torch.Tensor, stochastic: bool) -> torch.Tensor:
     """mean ||pi(s) - a||^2 (deterministic) or -mean log pi(a|s) (stochastic)."""
@@ -81,8 +83,6 @@ class BC:
     Config: ClassVar[type] = BCConfig
 
     def __init__(self, config: BCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
-        if not 0.0 < config.top_fraction <= 1.0:
-            raise ConfigError(f"top_fraction must be in (0, 1], got {config.top_fraction}; e.g. --set top_fraction=0.1")
         self.cfg = config
         self.spec = spec
         self.device = torch.device(device)

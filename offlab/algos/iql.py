@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from offlab.algos.base import LearnerSpec, register
+from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import (
     advantage_weights,
     bootstrap_target,
@@ -80,6 +80,11 @@ class IQLConfig:
     """Added to every (scaled) reward; AntMaze uses -1."""
     normalize_states: bool = False
     """Normalise states by the dataset's mean and std (+1e-3); the paper does not."""
+
+    def __post_init__(self):
+        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
+                       value_lr="(0, inf)", expectile="(0, 1)", beta="[0, inf)", max_weight="(0, inf)",
+                       max_steps="[0, inf)")
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from offlab.algos.base import LearnerSpec, register
+from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.errors import ConfigError
 from offlab.nets import (
@@ -95,6 +95,15 @@ class PRDCConfig:
     """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
     """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
+
+    def __post_init__(self):
+        if self.nn_search not in SEARCHES:
+            raise ConfigError(f"nn_search '{self.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
+        if self.k != 1:
+            raise ConfigError(f"PRDC supports k=1 only (got k={self.k}); the paper uses k=1, --set k=1")
+        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
+                       policy_noise="[0, inf)", noise_clip="[0, inf)", policy_freq="[1, inf)", alpha="[0, inf)",
+                       beta="[0, inf)", ivf_probe="[1, inf)")
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -217,12 +226,6 @@ class PRDC:
     Config: ClassVar[type] = PRDCConfig
 
     def __init__(self, config: PRDCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
-        if config.nn_search not in SEARCHES:
-            raise ConfigError(f"nn_search '{config.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
-        if config.k != 1:
-            raise ConfigError(f"PRDC supports k=1 only (got k={config.k}); the paper uses k=1, --set k=1")
-        if config.ivf_probe < 1:
-            raise ConfigError(f"ivf_probe must be at least 1 (got {config.ivf_probe}); e.g. --set ivf_probe=8")
         self.cfg = config
         self.spec = spec
         self.device = torch.device(device)

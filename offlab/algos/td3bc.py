@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from offlab.algos.base import LearnerSpec, register
+from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.nets import (
     DeterministicActor,
@@ -64,6 +64,10 @@ class TD3BCConfig:
     """BC trade-off: lambda = alpha / mean|Q|; alpha = 0 is pure behaviour cloning."""
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3)."""
+
+    def __post_init__(self):
+        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
+                       policy_noise="[0, inf)", noise_clip="[0, inf)", policy_freq="[1, inf)", alpha="[0, inf)")
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
