@@ -103,7 +103,7 @@ class RunConfig:
             raise ConfigError("no dataset given; pass --dataset NAME or put `dataset:` in the config file")
         if not self.algo:
             raise ConfigError("no learner given; pass --algo NAME or put `algo:` in the config file (see `offlab algos`)")
-        for name in ("steps", "online_steps", "eval_every", "eval_episodes", "threads", "ope_updates"):
+        for name in ("steps", "online_steps", "eval_every", "eval_episodes", "threads", "ope_updates", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "online_buffer_size"):

@@ -128,6 +128,7 @@ def test_more_bad_settings_name_the_problem(tmp_path):
         ({"dataset": TINY, "algo": "td3bc"}, ["dataset=other"], "--set cannot change dataset"),
         ({"algo": "bc"}, [], "no dataset given"),
         ({"dataset": TINY, "algo": "bc", "steps": -1}, [], "steps must be >= 0"),
+        ({"dataset": TINY, "algo": "bc", "seed": -1}, [], "seed must be >= 0, got -1"),
         ({"dataset": TINY, "algo": "bc"}, ["online_ratio=1.5"], "online_ratio must be in [0, 1]"),
         ({"dataset": TINY, "algo": "bc"}, ["top_fraction=abc"], "'top_fraction' expects float"),
         ({"dataset": TINY, "algo": "bc", "precision": "fp16"}, [], "precision 'fp16' is not one of float32, bf16"),
