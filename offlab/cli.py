@@ -318,10 +318,10 @@ def algos_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON for
 
     for row in rows:
         table = Table(title=f"[bold]{row['name']}[/bold]: {escape(row['summary'])}", title_justify="left")
-        for col in ("setting", "type", "default", "description"):
-            table.add_column(col)
+        for col in ("setting", "type", "default", "range", "description"):
+            table.add_column(col, no_wrap=col == "range")
         for s in row["settings"]:
-            table.add_row(s["name"], escape(s["type"]), escape(str(s["default"])), escape(s["doc"]))
+            table.add_row(s["name"], escape(s["type"]), escape(str(s["default"])), escape(s["range"]), escape(s["doc"]))
         console.print(table)
         for pattern, over in row["overrides"].items():
             console.print(f"  paper overrides for {pattern}: " + ", ".join(f"{k}={v}" for k, v in over.items()))

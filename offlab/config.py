@@ -468,13 +468,14 @@ def field_docs(config_cls: type) -> dict[str, str]:
 
 
 def describe_settings(config_cls: type) -> list[dict[str, Any]]:
-    """Each field of a config dataclass: name, type, default, one-line doc."""
+    """Each field of a config dataclass: name, type, default, valid range (its `LIMITS` entry, or ""), one-line doc."""
     docs = field_docs(config_cls)
     types_ = field_types(config_cls)
+    limits = getattr(config_cls, "LIMITS", {})
     default = config_cls()
     return [
         {"name": f.name, "type": type_name(types_[f.name]), "default": plain(getattr(default, f.name)),
-         "doc": docs.get(f.name, "")}
+         "range": limits.get(f.name, ""), "doc": docs.get(f.name, "")}
         for f in dataclasses.fields(config_cls)
     ]
 

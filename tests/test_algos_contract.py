@@ -104,6 +104,11 @@ def test_config_is_plain_documented_data_with_defaults(name):
     assert all(isinstance(getattr(config, f.name), (int, float, bool, str, tuple)) for f in fields)
     for dataset in ("hopper-medium", "halfcheetah-medium-expert", "walker2d-medium-replay", "pendulum"):
         assert set(cls.defaults_for(dataset)) <= {f.name for f in fields}, dataset
+        cls.Config(**cls.defaults_for(dataset))  # the paper's values lie inside the config's LIMITS
+    # every learner range-checks its numeric settings; LIMITS names real fields
+    assert getattr(cls.Config, "LIMITS", None) and set(cls.Config.LIMITS) <= {f.name for f in fields}
+    for name_, interval in cls.Config.LIMITS.items():
+        assert interval[0] in "([" and interval[-1] in ")]" and interval.count(",") == 1, (name_, interval)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -177,6 +177,9 @@ def test_algos_lists_learners_settings_and_paper_overrides():
     bc = {s["name"]: s for s in rows["bc"]["settings"]}
     assert bc["lr"]["default"] == 3e-4 and bc["lr"]["type"] == "float" and bc["lr"]["doc"]
     assert bc["top_fraction"]["default"] == 1.0 and bc["hidden"]["default"] == [256, 256]
+    assert bc["top_fraction"]["range"] == "(0, 1]" and bc["stochastic"]["range"] == ""
+    iql = {s["name"]: s for s in rows["iql"]["settings"]}
+    assert iql["expectile"]["range"] == "(0, 1)" and iql["gamma"]["range"] == "[0, 1]"
     assert rows["prdc"]["overrides"].get("halfcheetah-*", {}).get("alpha") == 40.0
     text = CliRunner().invoke(app, ["algos"])
     assert text.exit_code == 0 and "top_fraction" in text.stdout

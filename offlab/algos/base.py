@@ -104,23 +104,23 @@ def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
 
 
-def check_settings(config: Any, **intervals: str) -> None:
-    """Raise ConfigError (one line) for the first setting outside its interval, checked at construction.
+def check_settings(config: Any) -> None:
+    """Raise ConfigError (one line) for the first setting outside its interval in the config's `LIMITS`.
 
-    Intervals read as written: `gamma="[0, 1]"`, `tau="(0, 1]"`, `alpha="[0, inf)"`. A config with a
-    `hidden` field must give a non-empty list of positive layer widths. The message suggests the field's
-    default, a value that works, so a bad `--set` fails before any data is loaded.
+    `LIMITS` (a ClassVar of the config dataclass, shown by `offlab algos`) maps settings to intervals read
+    as written: `{"gamma": "[0, 1]", "tau": "(0, 1]", "alpha": "[0, inf)"}`. A config with a `hidden`
+    field must give a non-empty list of positive layer widths. Configs call this in `__post_init__`, so a
+    bad `--set` fails before any data is loaded; the message suggests the field's default as a value that works.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     hidden = getattr(config, "hidden", None)
     if hidden is not None and (len(hidden) == 0 or any(int(h) < 1 for h in hidden)):
         example = ",".join(str(h) for h in defaults["hidden"])
         raise ConfigError(f"hidden must list positive layer widths, got {list(hidden)}; e.g. --set hidden={example}")
-    for name, interval in intervals.items():
+    for name, interval in getattr(config, "LIMITS", {}).items():
         low, high = (float(x) for x in interval[1:-1].split(","))
         value = getattr(config, name)
         above = value > low if interval[0] == "(" else value >= low
         below = value < high if interval[-1] == ")" else value <= high
         if not (above and below) or math.isnan(value):
             raise ConfigError(f"{name} must be in {interval}, got {value}; e.g. --set {name}={defaults[name]}")
-

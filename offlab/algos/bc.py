@@ -57,8 +57,13 @@ class BCConfig:
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3)."""
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "lr": "(0, inf)", "top_fraction": "(0, 1]", "weight_decay": "[0, inf)"
+    }
+    """Valid interval of each numeric setting, checked when the config is built."""
+
     def __post_init__(self):
-        check_settings(self, lr="(0, inf)", top_fraction="(0, 1]", weight_decay="[0, inf)")
+        check_settings(self)
 
 
 def bc_loss(actor: torch.nn.Module, obs: torch.Tensor, action: torch.Tensor, stochastic: bool) -> torch.Tensor:

@@ -81,10 +81,14 @@ class IQLConfig:
     normalize_states: bool = False
     """Normalise states by the dataset's mean and std (+1e-3); the paper does not."""
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "gamma": "[0, 1]", "tau": "(0, 1]", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)", "value_lr": "(0, inf)",
+        "expectile": "(0, 1)", "beta": "[0, inf)", "max_weight": "(0, inf)", "max_steps": "[0, inf)"
+    }
+    """Valid interval of each numeric setting, checked when the config is built."""
+
     def __post_init__(self):
-        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
-                       value_lr="(0, inf)", expectile="(0, 1)", beta="[0, inf)", max_weight="(0, inf)",
-                       max_steps="[0, inf)")
+        check_settings(self)
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {

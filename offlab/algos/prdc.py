@@ -96,14 +96,19 @@ class PRDCConfig:
     overlap_search: bool = True
     """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "gamma": "[0, 1]", "tau": "(0, 1]", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
+        "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)",
+        "beta": "[0, inf)", "ivf_probe": "[1, inf)"
+    }
+    """Valid interval of each numeric setting, checked when the config is built."""
+
     def __post_init__(self):
         if self.nn_search not in SEARCHES:
             raise ConfigError(f"nn_search '{self.nn_search}' is not one of {', '.join(SEARCHES)}; e.g. --set nn_search=auto")
         if self.k != 1:
             raise ConfigError(f"PRDC supports k=1 only (got k={self.k}); the paper uses k=1, --set k=1")
-        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
-                       policy_noise="[0, inf)", noise_clip="[0, inf)", policy_freq="[1, inf)", alpha="[0, inf)",
-                       beta="[0, inf)", ivf_probe="[1, inf)")
+        check_settings(self)
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {

@@ -65,9 +65,14 @@ class TD3BCConfig:
     normalize_states: bool = True
     """Normalise states by the dataset's mean and std (+1e-3)."""
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "gamma": "[0, 1]", "tau": "(0, 1]", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
+        "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)"
+    }
+    """Valid interval of each numeric setting, checked when the config is built."""
+
     def __post_init__(self):
-        check_settings(self, gamma="[0, 1]", tau="(0, 1]", actor_lr="(0, inf)", critic_lr="(0, inf)",
-                       policy_noise="[0, inf)", noise_clip="[0, inf)", policy_freq="[1, inf)", alpha="[0, inf)")
+        check_settings(self)
 
 
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
