@@ -39,7 +39,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from offlab import paths
-from offlab.errors import ConfigError, TrackingError
+from offlab.errors import ConfigError, TrackingError, did_you_mean
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars on downloads
 
@@ -461,7 +461,14 @@ def compare_runs(dataset: str, metric: str = "eval/normalized_score", uri: str |
         )
     rows = []
     lower_is_better = "loss" in metric
-    for run in tracker.client.search_runs([exp], order_by=["attributes.start_time ASC"], max_results=10_000):
+    runs = tracker.client.search_runs([exp], order_by=["attributes.start_time ASC"], max_results=10_000)
+    logged = sorted({name for run in runs for name in run.data.metrics})
+    if runs and metric not in logged:
+        curves = [m for m in logged if not m.startswith("quality/")]  # the dataset's quality values are not curves
+        more = f" and {len(logged) - len(curves)} quality/* values" if len(curves) < len(logged) else ""
+        raise ConfigError(f"no run of '{dataset}' logged '{metric}'{did_you_mean(metric, logged)} "
+                          f"(logged: {', '.join(curves)}{more})")
+    for run in runs:
         history = tracker.client.get_metric_history(run.info.run_id, metric) if metric in run.data.metrics else []
         history = sorted(history, key=lambda m: (m.step, m.timestamp))
         values = [m.value for m in history]

@@ -58,6 +58,10 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
     assert row["steps"] == 12 and row["final"] == pytest.approx(result["final_eval"]["normalized_score"])
     table = CliRunner().invoke(app, ["compare", "--dataset", TINY])
     assert table.exit_code == 0 and "td3bc-s4" in table.stdout
+    # a metric no run logged is a mistake, not a column of blanks
+    one_line_error(run_cli("compare", "--dataset", TINY, "--metric", "eval/normalised_score"),
+                   "no run of 'hopper-tiny' logged 'eval/normalised_score'", "did you mean 'eval/normalized_score'",
+                   "logged: eval/normalized_score")
 
 
 def test_compare_flags_runs_that_trained_on_different_builds_of_a_dataset(hopper_random):
