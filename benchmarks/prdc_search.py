@@ -115,7 +115,7 @@ def main() -> None:
         queries[f"logged + N(0, {std})"] = noisy.clamp(torch.as_tensor(spec.action_low), torch.as_tensor(spec.action_high))
 
     keys = torch.cat([beta * norm_obs, actions], 1).double()
-    print(f"{args.dataset}: {len(data)} keys of width {keys.shape[1]}, 256 queries per search, best of "
+    print(f"{args.dataset}: {len(keys)} keys of width {keys.shape[1]}, 256 queries per search, best of "
           f"{args.repeats}, one thread")
     exact = {}
     for name, a in queries.items():
