@@ -43,6 +43,7 @@ from offlab.algos.base import LearnerSpec  # noqa: E402
 from offlab.algos.td3bc import TD3BC, TD3BCConfig  # noqa: E402
 from offlab.data import registry  # noqa: E402
 from offlab.data.store import Transitions  # noqa: E402
+from offlab.nets import Normalizer  # noqa: E402
 from offlab.training import derived_seed  # noqa: E402
 
 
@@ -147,9 +148,30 @@ def lockstep(args) -> None:
                   f"Q(s, pi(s)) {offlab_q_mean(ours, probe):.4f} / {twin.q_mean(probe):.4f}", flush=True)
 
 
+def d3rlpy_scaler(ds) -> StandardObservationScaler:
+    """d3rlpy's StandardObservationScaler fitted as its `fit` fits it (on the transitions it samples)."""
+    algo = d3rlpy.algos.TD3PlusBCConfig(observation_scaler=StandardObservationScaler()).create("cpu:0")
+    build_scalers_with_transition_picker(algo, d3rlpy_dataset(ds))
+    return algo.config.observation_scaler
+
+
 def alone(args) -> None:
     ds, data, ours, sampler = setup(args)
-    twin = D3rlpyTwin(ours, ds, use_offlab_scaler=True) if args.learner == "d3rlpy" else None
+    if args.scaler == "d3rlpy":  # (s - mean) / (std + eps) with d3rlpy's fitted statistics and eps
+        sc = d3rlpy_scaler(ds)
+        gap = float(np.abs(sc.std - ours.spec.obs_std).max())
+        ours.normalizer = Normalizer(sc.mean, sc.std + sc.eps)
+        print(f"offlab's normaliser replaced by d3rlpy's (std gap up to {gap:.2e})", flush=True)
+    if args.drop_timeouts:  # sample as d3rlpy does: never the last transition of a time-limited episode
+        keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
+        print(f"sampling {len(keep)} of {len(data)} rows (time-limit rows dropped)", flush=True)
+
+        def draw():
+            return data.batch(keep[torch.randint(len(keep), (256,), generator=sampler)])
+    else:
+        def draw():
+            return data.sample(256, sampler)
+    twin = D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab") if args.learner == "d3rlpy" else None
     probe = data.sample(10_000, torch.Generator().manual_seed(7)).obs
     noise = ours.generator  # the smoothing-noise stream offlab's own update would draw from
     t0 = time.perf_counter()
@@ -158,7 +180,7 @@ def alone(args) -> None:
         out.writerow(["step", "critic_loss", "q_mean", "seconds"])
         loss_sum = 0.0
         for step in range(1, args.steps + 1):
-            batch = data.sample(256, sampler)
+            batch = draw()
             if twin is None:
                 loss = ours.update(batch)["train/critic_loss"]
             else:
@@ -183,6 +205,10 @@ def main() -> None:
     b.add_argument("--learner", choices=("offlab", "d3rlpy"), required=True)
     b.add_argument("--steps", type=int, default=200_000)
     b.add_argument("--out", required=True)
+    b.add_argument("--scaler", choices=("offlab", "d3rlpy"), default="offlab",
+                   help="d3rlpy's fitted normaliser in place of offlab's")
+    b.add_argument("--drop-timeouts", action="store_true",
+                   help="never sample the last transition of a time-limited episode, as d3rlpy does")
     for q in (a, b):
         q.add_argument("--dataset", default="walker2d-medium")
         q.add_argument("--seed", type=int, default=0)
