@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -177,6 +178,29 @@ def test_a_prdc_run_logs_a_pyfunc_policy_and_collect_rolls_it_out(hopper_random)
     assert ds.card.behavior_policy["policy"] == uri and ds.card.behavior_policy["kind"] == "mlflow"
     # the logged actions are the policy's own actions on the logged states
     np.testing.assert_allclose(ds.action, learner.act(ds.obs), atol=1e-6)
+
+
+def test_the_logged_policy_answers_through_mlflows_scoring_server(hopper_random):
+    """`mlflow models serve -m runs:/ID/policy` runs MLflow's scoring app on the logged model: observations
+    posted to /invocations come back as the policy's actions."""
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 30, "eval_episodes": 0, "seed": 2},
+                         ["hidden=32,32", "dataset_quality=false"])
+    result = training.fit(run, progress=False)
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/policy")
+    app = TestClient(scoring_server.init(model))
+    assert app.get("/ping").status_code == 200
+
+    obs = hopper_random.obs[:4]
+    reply = app.post("/invocations", json={"inputs": obs.tolist()})
+    assert reply.status_code == 200, reply.text
+    served = np.asarray(reply.json()["predictions"], dtype=np.float32)
+    learner = training.load_policy(training.run_dir(result.run_id) / "policy.pt")
+    np.testing.assert_allclose(served, learner.act(obs), atol=1e-6)
+    # the logged signature rejects observations of the wrong width instead of acting on them
+    assert app.post("/invocations", json={"inputs": obs[:, :5].tolist()}).status_code == 400
 
 
 def test_iql_decays_its_actor_lr_over_the_runs_steps_unless_set():
