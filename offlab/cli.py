@@ -32,6 +32,23 @@ err_console = Console(stderr=True)
 
 MINARI_SUFFIX = (".hdf5", ".h5", ".parquet", ".pq", ".csv")
 
+# click's exception classes, found through typer's public BadParameter (recent typer vendors its own click)
+_CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+ClickException, UsageError = _CLICK["ClickException"], _CLICK["UsageError"]
+
+
+def whole_number(value) -> int:
+    """A count given as 200000, 200_000 or 2e5 (the forms --set and run files take for integer settings)."""
+    if isinstance(value, int):
+        return value
+    from offlab.config import coerce
+    from offlab.errors import ConfigError
+
+    try:
+        return coerce(value, int, "value")
+    except ConfigError:
+        raise typer.BadParameter(f"'{value}' is not a whole number (e.g. 200000, 200_000 or 2e5)") from None
+
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -110,7 +127,7 @@ def data_get(
 @data_app.command("build")
 def data_build(
     name: str = typer.Argument(..., help="A catalog name, e.g. hopper-medium."),
-    steps: int | None = typer.Option(None, "--steps", help="Transitions (default: the recipe's, D4RL sizes)."),
+    steps: int | None = typer.Option(None, "--steps", parser=whole_number, help="Transitions (default: the recipe's, D4RL sizes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the rollouts; same name, steps and seed -> same hash."),
     workers: int = typer.Option(2, "--workers", help="Worker processes (the result does not depend on it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over an existing dataset."),
@@ -132,7 +149,7 @@ def data_collect(
     env: str = typer.Option(..., "--env", help="Gymnasium env id, e.g. Hopper-v5."),
     policy: str = typer.Option(..., "--policy", help="Shipped policy (hopper/expert), .safetensors, SB3 .zip, "
                                "or an MLflow model URI (runs:/<run_id>/policy)."),
-    steps: int = typer.Option(..., "--steps", help="Transitions to collect."),
+    steps: int = typer.Option(..., "--steps", parser=whole_number, help="Transitions to collect."),
     name: str = typer.Option(..., "--name", help="Name to store the dataset under."),
     noise: float = typer.Option(0.0, "--noise", help="Gaussian exploration noise (std, in units of the action "
                                 "half-range) added to the policy's mean action; 0 samples a stochastic policy."),
@@ -238,12 +255,12 @@ def data_delete(
 def fit_cmd(
     dataset: str | None = typer.Option(None, "--dataset", help="Dataset name, e.g. hopper-medium."),
     algo: str | None = typer.Option(None, "--algo", help="Learner name (see `offlab algos`)."),
-    steps: int | None = typer.Option(None, "--steps", help="Offline gradient steps (default 1,000,000)."),
+    steps: int | None = typer.Option(None, "--steps", parser=whole_number, help="Offline gradient steps (default 1,000,000)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of everything random (default 0)."),
     sets: list[str] = typer.Option([], "--set", help="Override a setting: --set actor_lr=1e-4 (repeatable)."),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate every N steps (default 10,000)."),
-    eval_episodes: int | None = typer.Option(None, "--eval-episodes", help="Episodes per evaluation (default 10)."),
-    online_steps: int | None = typer.Option(None, "--online-steps", help="Online fine-tuning env steps after the offline phase."),
+    eval_every: int | None = typer.Option(None, "--eval-every", parser=whole_number, help="Evaluate every N steps (default 10,000)."),
+    eval_episodes: int | None = typer.Option(None, "--eval-episodes", parser=whole_number, help="Episodes per evaluation (default 10)."),
+    online_steps: int | None = typer.Option(None, "--online-steps", parser=whole_number, help="Online fine-tuning env steps after the offline phase."),
     config: Path | None = typer.Option(None, "--config", help="A run file (YAML); --set and flags override it."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the run with this MLflow run id."),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
@@ -495,9 +512,9 @@ def ope_cmd(
                                 "deterministic policy, on the [-1, 1] action scale."),
     behavior: str = typer.Option("auto", "--behavior", help="Behaviour log-probs: auto (logged, else a fitted "
                                  "BC density), logged, or fit."),
-    fqe_updates: int | None = typer.Option(None, "--fqe-updates", help="FQE gradient steps (default 250,000)."),
-    mb_updates: int | None = typer.Option(None, "--mb-updates", help="Dynamics-model gradient steps (default 20,000)."),
-    bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the confidence intervals."),
+    fqe_updates: int | None = typer.Option(None, "--fqe-updates", parser=whole_number, help="FQE gradient steps (default 250,000)."),
+    mb_updates: int | None = typer.Option(None, "--mb-updates", parser=whole_number, help="Dynamics-model gradient steps (default 20,000)."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", parser=whole_number, help="Bootstrap resamples of the confidence intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of every fit and resample."),
     out: Path | None = typer.Option(None, "--out", help="validate: write the HTML report here (e.g. ope.html)."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log to MLflow (the run's ope/* metrics; validate: "
@@ -604,16 +621,26 @@ def _ope_validate(suite: str, out: Path | None, log: bool, as_json: bool) -> Non
 
 
 def main() -> None:
-    try:
-        app()
-    except OfflabError as e:
-        from rich.markup import escape
+    from rich.markup import escape
 
+    try:
+        code = app(standalone_mode=False, prog_name="offlab")  # usage errors come back here, printed below
+    except OfflabError as e:
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except ClickException as e:  # a mistyped flag or value: one line and the way to the help
+        message = e.format_message()
+        if message:  # (empty when a bare `offlab` or `offlab data` has just printed its help)
+            ctx = getattr(e, "ctx", None) if isinstance(e, UsageError) else None
+            where = ctx.command_path if ctx is not None else "offlab"
+            err_console.print(f"[red]error:[/red] {escape(message.rstrip('.'))}; see `{where} --help`", highlight=False,
+                              soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
         f"dataset: {TINY}\nalgo: td3bc\nsteps: 10\neval_every: 6\neval_episodes: 1\nseed: 4\n"
         "dataset_quality: false\nalgo_settings:\n  actor_lr: 1.0e-4\n  hidden: [16, 16]\n  alpha: 5\n"
     )
-    fitted = run_cli("fit", "--config", "run.yaml", "--set", "alpha=7.5", "--steps", "12", "--json")
+    fitted = run_cli("fit", "--config", "run.yaml", "--set", "alpha=7.5", "--steps", "1.2e1", "--json")  # 12
     assert fitted.returncode == 0, fitted.stderr
     result = json.loads(fitted.stdout)
     assert result["run_name"] == "td3bc-s4" and result["step"] == 12 and not result["interrupted"]
@@ -97,9 +97,18 @@ def test_compare_flags_runs_that_trained_on_different_builds_of_a_dataset(hopper
      ["unknown setting 'actor_lrr'", "did you mean 'actor_lr'", "valid keys:", "critic_lr"]),
     (["--dataset", TINY, "--algo", "td3bc", "--set", "alpha=strong"], ["'alpha' expects float, got 'strong'"]),
     (["--dataset", TINY, "--algo", "td3bc", "--ope", "fqe,pdsi"], ["unknown estimator 'pdsi'", "did you mean 'pdis'"]),
-], ids=["unknown-algo", "unknown-dataset", "unknown-set-key", "wrong-set-type", "unknown-ope-estimator"])
+    # click's own usage errors, one line too (not typer's boxed panel)
+    (["--dataset", TINY, "--algo", "td3bc", "--online-steps", "1.5"],
+     ["'--online-steps'", "'1.5' is not a whole number", "2e5", "see `offlab fit --help`"]),
+    (["--dataset", TINY, "--algo", "td3bc", "--stepz", "3"], ["No such option: --stepz", "--steps", "offlab fit --help"]),
+], ids=["unknown-algo", "unknown-dataset", "unknown-set-key", "wrong-set-type", "unknown-ope-estimator",
+        "not-a-whole-number", "unknown-flag"])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     one_line_error(run_cli("fit", *args, *FAST), *fragments)
+
+
+def test_an_unknown_command_is_one_line_and_exit_2():
+    one_line_error(run_cli("fitt"), "No such command 'fitt'", "fit", "see `offlab --help`")
 
 
 def test_a_config_file_that_does_not_parse(tmp_path):
