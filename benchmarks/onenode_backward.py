@@ -53,22 +53,30 @@ def _backward(saved, n, need, g, weight_grad, input_grad, bias_dim):
     return (gx, *grads)
 
 
+def _forward(ctx, x, params, layer):
+    """Forward through n layers, `layer(x, W, b)` each, ReLU (in place) between; saves what backward needs."""
+    n = len(params) // 2
+    hs, h = [x], x
+    for i in range(n - 1):
+        h = layer(h, params[2 * i], params[2 * i + 1]).clamp_min_(0.0)
+        hs.append(h)
+    ctx.save_for_backward(*hs, *params)
+    ctx.n = n
+    return layer(h, params[-2], params[-1])
+
+
+def _ensemble_layer(x, w, b):
+    if w.shape[-1] == 1:  # the critics' scalar head as a batched dot product, as offlab's VectorizedLinear
+        return torch.linalg.vecdot(x, w.transpose(1, 2)).unsqueeze(-1) + b
+    return torch.baddbmm(b, x, w)
+
+
 class EnsembleReLUMLP(torch.autograd.Function):
     """x [N, B, in], weights [N, in, out], biases [N, 1, out]; a 1-wide last layer as a batched dot product."""
 
     @staticmethod
     def forward(ctx, x, *params):
-        n = len(params) // 2
-        hs, h = [x], x
-        for i in range(n - 1):
-            h = torch.baddbmm(params[2 * i + 1], h, params[2 * i]).clamp_min_(0.0)
-            hs.append(h)
-        w, b = params[-2], params[-1]
-        out = (torch.linalg.vecdot(h, w.transpose(1, 2)).unsqueeze(-1) + b if w.shape[-1] == 1
-               else torch.baddbmm(b, h, w))
-        ctx.save_for_backward(*hs, *params)
-        ctx.n = n
-        return out
+        return _forward(ctx, x, params, _ensemble_layer)
 
     @staticmethod
     def backward(ctx, g):
@@ -84,15 +92,7 @@ class ReLUMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, *params):
-        n = len(params) // 2
-        hs, h = [x], x
-        for i in range(n - 1):
-            h = torch.addmm(params[2 * i + 1], h, params[2 * i].t()).clamp_min_(0.0)
-            hs.append(h)
-        out = torch.addmm(params[-1], h, params[-2].t())
-        ctx.save_for_backward(*hs, *params)
-        ctx.n = n
-        return out
+        return _forward(ctx, x, params, lambda h, w, b: torch.addmm(b, h, w.t()))
 
     @staticmethod
     def backward(ctx, g):
