@@ -20,7 +20,8 @@ seeds it, offlab's normaliser, initial weights and noise stream), with no evalua
 offlab fit's run of that seed with only the update rule swapped; every 1,000 steps it writes the critic
 loss averaged over those steps (offlab fit's train/critic_loss) and the mean Q1(s, pi(s)) over 10,000 fixed
 dataset states to --out. A diverging critic shows there as Q(s, pi(s)) leaving its plateau (walker2d-medium:
-172-189) for hundreds.
+172-189) for hundreds. `--scaler d3rlpy` puts d3rlpy's fitted normaliser in offlab's place and
+`--drop-timeouts` samples as d3rlpy does, never the last transition of a time-limited episode (session 16).
 """
 
 from __future__ import annotations
