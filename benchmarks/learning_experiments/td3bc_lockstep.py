@@ -22,6 +22,7 @@ loss averaged over those steps (offlab fit's train/critic_loss) and the mean Q1(
 dataset states to --out. A diverging critic shows there as Q(s, pi(s)) leaving its plateau (walker2d-medium:
 172-189) for hundreds. `--scaler d3rlpy` puts d3rlpy's fitted normaliser in offlab's place and
 `--drop-timeouts` samples as d3rlpy does, never the last transition of a time-limited episode (session 16).
+`--streams d3rlpy` also takes d3rlpy's own initial weights and random streams (session 16).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def d3rlpy_dataset(ds) -> d3rlpy.dataset.MDPDataset:
 class D3rlpyTwin:
     """d3rlpy's TD3PlusBC holding a copy of an offlab TD3BC's weights, stepped on offlab's batches."""
 
-    def __init__(self, learner: TD3BC, ds, use_offlab_scaler: bool):
+    def __init__(self, learner: TD3BC, ds, use_offlab_scaler: bool, weights_from: str = "offlab"):
         self.algo = d3rlpy.algos.TD3PlusBCConfig(
             batch_size=256, alpha=learner.cfg.alpha, observation_scaler=StandardObservationScaler()).create("cpu:0")
         mdp = d3rlpy_dataset(ds)
@@ -76,9 +77,9 @@ class D3rlpyTwin:
             self.scaler.std = learner.spec.obs_std.astype(np.float64)
             self.scaler._torch_mean = None  # re-read on the next transform
         self.m = self.algo._impl._modules
-        with torch.no_grad():
+        with torch.no_grad():  # one set of initial weights for both: offlab's, or d3rlpy's own draw
             for ours, theirs in self.pairs(learner):
-                theirs.copy_(ours)
+                (theirs.copy_(ours) if weights_from == "offlab" else ours.copy_(theirs))
 
     def pairs(self, learner: TD3BC):
         """(offlab tensor, d3rlpy tensor) for every parameter, in d3rlpy's [out, in] layout."""
@@ -163,7 +164,16 @@ def alone(args) -> None:
         gap = float(np.abs(sc.std - ours.spec.obs_std).max())
         ours.normalizer = Normalizer(sc.mean, sc.std + sc.eps)
         print(f"offlab's normaliser replaced by d3rlpy's (std gap up to {gap:.2e})", flush=True)
-    if args.drop_timeouts:  # sample as d3rlpy does: never the last transition of a time-limited episode
+    if args.streams == "d3rlpy":  # d3rlpy's random streams, as its `fit` after d3rlpy.seed(seed) draws them
+        d3rlpy.seed(args.seed)
+        D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from="d3rlpy")  # its initial weights
+        ours.generator.set_state(torch.get_rng_state())  # smoothing noise: the global torch stream from here on
+        keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
+        print(f"d3rlpy's initial weights and streams; sampling {len(keep)} of {len(data)} rows", flush=True)
+
+        def draw():  # d3rlpy: np.random.randint(transition_count) per transition, from numpy's global generator
+            return data.batch(keep[torch.from_numpy(np.random.randint(len(keep), size=256))])
+    elif args.drop_timeouts:  # sample as d3rlpy does: never the last transition of a time-limited episode
         keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
         print(f"sampling {len(keep)} of {len(data)} rows (time-limit rows dropped)", flush=True)
 
@@ -210,6 +220,9 @@ def main() -> None:
                    help="d3rlpy's fitted normaliser in place of offlab's")
     b.add_argument("--drop-timeouts", action="store_true",
                    help="never sample the last transition of a time-limited episode, as d3rlpy does")
+    b.add_argument("--streams", choices=("offlab", "d3rlpy"), default="offlab",
+                   help="offlab learner: d3rlpy's initial weights, batch stream (numpy) and noise stream after "
+                        "d3rlpy.seed(seed), sampling as --drop-timeouts")
     for q in (a, b):
         q.add_argument("--dataset", default="walker2d-medium")
         q.add_argument("--seed", type=int, default=0)
