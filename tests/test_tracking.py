@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -189,8 +188,7 @@ def test_the_logged_policy_answers_through_mlflows_scoring_server(hopper_random)
     run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 30, "eval_episodes": 0, "seed": 2},
                          ["hidden=32,32", "dataset_quality=false"])
     result = training.fit(run, progress=False)
-    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/policy")
-    app = TestClient(scoring_server.init(model))
+    app = TestClient(scoring_server.init(tracking.load_run_policy(result.run_id)))
     assert app.get("/ping").status_code == 200
 
     obs = hopper_random.obs[:4]

@@ -61,14 +61,21 @@ def d3rlpy_dataset(ds) -> d3rlpy.dataset.MDPDataset:
         timeouts=timeouts.astype(np.float32))
 
 
+def d3rlpy_td3bc(ds, alpha: float = 2.5):
+    """d3rlpy's TD3PlusBC and the dataset as d3rlpy sees it, its StandardObservationScaler fitted as `fit` fits it
+    (on the transitions it samples); the networks are not built yet."""
+    algo = d3rlpy.algos.TD3PlusBCConfig(
+        batch_size=256, alpha=alpha, observation_scaler=StandardObservationScaler()).create("cpu:0")
+    mdp = d3rlpy_dataset(ds)
+    build_scalers_with_transition_picker(algo, mdp)
+    return algo, mdp
+
+
 class D3rlpyTwin:
     """d3rlpy's TD3PlusBC holding a copy of an offlab TD3BC's weights, stepped on offlab's batches."""
 
     def __init__(self, learner: TD3BC, ds, use_offlab_scaler: bool, weights_from: str = "offlab"):
-        self.algo = d3rlpy.algos.TD3PlusBCConfig(
-            batch_size=256, alpha=learner.cfg.alpha, observation_scaler=StandardObservationScaler()).create("cpu:0")
-        mdp = d3rlpy_dataset(ds)
-        build_scalers_with_transition_picker(self.algo, mdp)
+        self.algo, mdp = d3rlpy_td3bc(ds, learner.cfg.alpha)
         self.algo.create_impl(mdp.sample_transition().observation_signature.shape[0], mdp.dataset_info.action_size)
         self.scaler = self.algo.config.observation_scaler
         self.std_gap = float(np.abs(self.scaler.std - learner.spec.obs_std).max())
@@ -150,17 +157,10 @@ def lockstep(args) -> None:
                   f"Q(s, pi(s)) {offlab_q_mean(ours, probe):.4f} / {twin.q_mean(probe):.4f}", flush=True)
 
 
-def d3rlpy_scaler(ds) -> StandardObservationScaler:
-    """d3rlpy's StandardObservationScaler fitted as its `fit` fits it (on the transitions it samples)."""
-    algo = d3rlpy.algos.TD3PlusBCConfig(observation_scaler=StandardObservationScaler()).create("cpu:0")
-    build_scalers_with_transition_picker(algo, d3rlpy_dataset(ds))
-    return algo.config.observation_scaler
-
-
 def alone(args) -> None:
     ds, data, ours, sampler = setup(args)
     if args.scaler == "d3rlpy":  # (s - mean) / (std + eps) with d3rlpy's fitted statistics and eps
-        sc = d3rlpy_scaler(ds)
+        sc = d3rlpy_td3bc(ds)[0].config.observation_scaler
         gap = float(np.abs(sc.std - ours.spec.obs_std).max())
         ours.normalizer = Normalizer(sc.mean, sc.std + sc.eps)
         print(f"offlab's normaliser replaced by d3rlpy's (std gap up to {gap:.2e})", flush=True)
@@ -168,15 +168,14 @@ def alone(args) -> None:
         d3rlpy.seed(args.seed)
         D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from="d3rlpy")  # its initial weights
         ours.generator.set_state(torch.get_rng_state())  # smoothing noise: the global torch stream from here on
-        keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
-        print(f"d3rlpy's initial weights and streams; sampling {len(keep)} of {len(data)} rows", flush=True)
-
-        def draw():  # d3rlpy: np.random.randint(transition_count) per transition, from numpy's global generator
-            return data.batch(keep[torch.from_numpy(np.random.randint(len(keep), size=256))])
-    elif args.drop_timeouts:  # sample as d3rlpy does: never the last transition of a time-limited episode
+        print("d3rlpy's initial weights and random streams", flush=True)
+    if args.drop_timeouts or args.streams == "d3rlpy":  # never the last transition of a time-limited episode
         keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
         print(f"sampling {len(keep)} of {len(data)} rows (time-limit rows dropped)", flush=True)
-
+    if args.streams == "d3rlpy":
+        def draw():  # d3rlpy: np.random.randint(transition_count) per transition, from numpy's global generator
+            return data.batch(keep[torch.from_numpy(np.random.randint(len(keep), size=256))])
+    elif args.drop_timeouts:
         def draw():
             return data.batch(keep[torch.randint(len(keep), (256,), generator=sampler)])
     else:
