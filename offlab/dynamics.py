@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from offlab.data.schema import Dataset
-from offlab.nets import EnsembleMLP, mlp
+from offlab.nets import BATCHES, EnsembleMLP, mlp, stream_generator
 
 Termination = Callable[[torch.Tensor], torch.Tensor]
 """next observations [B, obs_dim] -> bool [B] (True: a true terminal)."""
@@ -179,7 +179,7 @@ def fit_dynamics(ds: Dataset, config: DynamicsConfig | None = None,
     decay = [p for n, p in model.named_parameters() if n.startswith("net.") and n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not (n.startswith("net.") and n.endswith("weight"))]
     opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest}], lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = stream_generator(cfg.seed, BATCHES)
     train_t = torch.from_numpy(train_rows)
     held_t = torch.from_numpy(held_rows[:20_000])
     best, best_state, stale, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
@@ -297,7 +297,7 @@ def learn_termination(ds: Dataset, steps: int = 3000, seed: int = 0) -> Terminat
     pos = max(float(term.mean()), 1e-6)
     weight = torch.tensor(min((1 - pos) / pos, 1e3))
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream_generator(seed, BATCHES)
     for _ in range(steps):
         rows = torch.randint(len(x), (512,), generator=gen)
         logits = clf(x[rows])

@@ -37,6 +37,22 @@ def mixed_precision(device: torch.device | str, precision: str = "float32"):
     raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
 
 
+# Random streams of one seed. torch.manual_seed(seed) draws a learner's initial weights; every other
+# stream gets its own seed from SeedSequence, so no stream replays the numbers the weights were made of
+# (a torch.Generator seeded with the same integer would restart the initialisation's Mersenne Twister).
+BATCHES, EXPLORATION, NOISE, VALUE_SAMPLES = 1, 2, 3, 4
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """An independent seed for one random stream of `seed` (BATCHES, EXPLORATION, NOISE, VALUE_SAMPLES)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x0FF1AB, stream]).generate_state(1)[0])
+
+
+def stream_generator(seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for one random stream of `seed`, apart from the initialisation's."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, stream))
+
+
 def _float32_region(x: torch.Tensor):
     """Leave autocast for an output layer (a no-op outside mixed precision)."""
     if torch.is_autocast_enabled(x.device.type):

@@ -54,15 +54,10 @@ from offlab.config import RunConfig, config_dict, learner_config, run_from_dict
 from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
-from offlab.nets import mixed_precision
+from offlab.nets import BATCHES, EXPLORATION, mixed_precision, stream_generator
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
-
-
-def derived_seed(seed: int, stream: int) -> int:
-    """An independent seed for one random stream of a run (1: batches, 2: exploration noise)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x0FF1AB, stream]).generate_state(1)[0])
 
 
 def run_dir(run_id: str) -> Path:
@@ -267,7 +262,7 @@ class OnlineInteraction:
         self.low, self.high = np.asarray(spec.action_low), np.asarray(spec.action_high)
         self.noise_std = exploration_noise * spec.max_action
         self.replay = ReplayBuffer(capacity, spec.obs_dim, spec.action_dim)
-        self.generator = torch.Generator().manual_seed(derived_seed(seed, 2))
+        self.generator = stream_generator(seed, EXPLORATION)
         self.episode = 0
         self.episode_actions: list[np.ndarray] = []
         self.episode_return = 0.0
@@ -375,7 +370,7 @@ class Trainer:
         self.spec = LearnerSpec.from_transitions(self.data, self.env_id, run.dataset)
         cfg = learner_config(self.algo_cls, run.dataset, run.algo_settings, seed=run.seed)
         self.learner = self.algo_cls(cfg, self.spec, device)
-        self.sampler = torch.Generator().manual_seed(derived_seed(run.seed, 1))
+        self.sampler = stream_generator(run.seed, BATCHES)
         rows = getattr(self.learner, "training_rows", None)
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
         self.evaluator = Evaluator(self.env_id, run.eval_episodes, run.seed, self.env_kwargs, *self.ref)

@@ -45,8 +45,7 @@ from offlab.algos.base import LearnerSpec  # noqa: E402
 from offlab.algos.td3bc import TD3BC, TD3BCConfig  # noqa: E402
 from offlab.data import registry  # noqa: E402
 from offlab.data.store import Transitions  # noqa: E402
-from offlab.nets import Normalizer  # noqa: E402
-from offlab.training import derived_seed  # noqa: E402
+from offlab.nets import Normalizer, derived_seed  # noqa: E402
 
 
 def d3rlpy_dataset(ds) -> d3rlpy.dataset.MDPDataset:

@@ -27,6 +27,7 @@ import torch
 
 from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.nets import (
+    NOISE,
     DeterministicActor,
     Normalizer,
     TanhGaussianActor,
@@ -34,6 +35,7 @@ from offlab.nets import (
     adam,
     learner_state,
     load_learner_state,
+    stream_generator,
     take_step,
 )
 
@@ -106,8 +108,7 @@ class BC:
         self.actor.to(self.device)
         self.normalizer.to(self.device)
         self.optimizer = adam(self.actor.parameters(), config.lr, weight_decay=config.weight_decay)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
+        self.generator = stream_generator(config.seed, NOISE, self.device)  # apart from the init's numbers
         self.updates = 0
         self.training_rows: torch.Tensor | None = None
         """Dataset rows the loop samples from (None: all); set by %BC."""

@@ -34,6 +34,7 @@ from offlab.algos.losses import (
     return_range_reward_scale,
 )
 from offlab.nets import (
+    NOISE,
     EnsembleCritic,
     GaussianActor,
     Normalizer,
@@ -44,6 +45,7 @@ from offlab.nets import (
     learner_state,
     load_learner_state,
     polyak,
+    stream_generator,
     take_step,
 )
 
@@ -125,8 +127,7 @@ class IQL:
         self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
         self.value_opt = adam(self.value.parameters(), config.value_lr)
         self.reward_scale = return_range_reward_scale(spec.episode_returns) if config.scale_rewards else 1.0
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
+        self.generator = stream_generator(config.seed, NOISE, self.device)  # apart from the init's numbers
         self.updates = 0
         # act(deterministic=False) samples the Gaussian policy: an online phase explores with it, not added noise
         self.stochastic_policy = True

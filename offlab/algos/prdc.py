@@ -42,6 +42,7 @@ from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.errors import ConfigError
 from offlab.nets import (
+    NOISE,
     DeterministicActor,
     EnsembleCritic,
     Normalizer,
@@ -52,6 +53,7 @@ from offlab.nets import (
     learner_state,
     load_learner_state,
     polyak,
+    stream_generator,
     take_step,
 )
 from offlab.threads import faiss_threads, helper_thread
@@ -249,8 +251,7 @@ class PRDC:
             net.to(self.device)
         self.actor_opt = adam(self.actor.parameters(), config.actor_lr)
         self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
+        self.generator = stream_generator(config.seed, NOISE, self.device)  # apart from the init's numbers
         self.updates = 0
         # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
         # state, e.g. the MLflow pyfunc model) the learner can act but not update.

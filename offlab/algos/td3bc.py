@@ -24,6 +24,7 @@ import torch
 from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.nets import (
+    NOISE,
     DeterministicActor,
     EnsembleCritic,
     Normalizer,
@@ -34,6 +35,7 @@ from offlab.nets import (
     learner_state,
     load_learner_state,
     polyak,
+    stream_generator,
     take_step,
 )
 
@@ -107,8 +109,7 @@ class TD3BC:
             net.to(self.device)
         self.actor_opt = adam(self.actor.parameters(), config.actor_lr)
         self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
+        self.generator = stream_generator(config.seed, NOISE, self.device)  # apart from the init's numbers
         self.updates = 0
 
     @classmethod

@@ -894,7 +894,14 @@ def behaviour_fit(ds: Dataset, cfg: QualityConfig = QualityConfig(), seed: int =
     """
     import torch
 
-    from offlab.nets import LOG_STD_MAX, TanhGaussianActor, mlp, tanh_gaussian_log_prob
+    from offlab.nets import (
+        BATCHES,
+        LOG_STD_MAX,
+        TanhGaussianActor,
+        mlp,
+        stream_generator,
+        tanh_gaussian_log_prob,
+    )
 
     if len(ds) < 20 or ds.action.ndim != 2:
         return {"fitted": False, "reason": "needs at least 20 continuous-action transitions"}, {}
@@ -912,7 +919,7 @@ def behaviour_fit(ds: Dataset, cfg: QualityConfig = QualityConfig(), seed: int =
     a_te = torch.from_numpy(np.clip(act[test], -clip, clip))
     obs_dim, act_dim, K = obs.shape[1], act.shape[1], cfg.bc_components
     steps = int(np.clip(cfg.bc_epochs * len(train) / cfg.bc_batch, cfg.bc_min_steps, cfg.bc_max_steps))
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream_generator(seed, BATCHES)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(seed)
         gauss = TanhGaussianActor(obs_dim, act_dim, (256, 256), log_std_min=-5.0, log_std_max=LOG_STD_MAX)

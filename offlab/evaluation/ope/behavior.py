@@ -28,7 +28,7 @@ from torch import nn
 
 from offlab.data.schema import Dataset
 from offlab.errors import DataValidationError
-from offlab.nets import mlp
+from offlab.nets import BATCHES, mlp, stream_generator
 
 LOG_STD_RANGE = (-5.0, 2.0)
 _EDGE = 1e-6
@@ -162,7 +162,7 @@ def fit_behavior(ds: Dataset, config: BehaviorConfig | None = None) -> BehaviorM
 def _train(net: nn.Module, s: torch.Tensor, u: torch.Tensor, train_rows: torch.Tensor, held_rows: torch.Tensor,
            cfg: BehaviorConfig) -> tuple[nn.Module, float]:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = stream_generator(cfg.seed, BATCHES)
     best, best_state = float("inf"), copy.deepcopy(net.state_dict())
     held = held_rows[:50_000]
     for step in range(1, cfg.steps + 1):

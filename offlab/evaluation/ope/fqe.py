@@ -39,7 +39,7 @@ import torch
 from offlab.data.schema import Dataset
 from offlab.evaluation.ope.episodes import episode_bootstrap_counts, percentile_interval
 from offlab.evaluation.ope.policy import ActionDistribution, TargetPolicy
-from offlab.nets import EnsembleMLP, freeze, polyak
+from offlab.nets import BATCHES, VALUE_SAMPLES, EnsembleMLP, freeze, polyak, stream_generator
 
 
 @dataclass
@@ -108,7 +108,7 @@ class FQE:
             self.q = EnsembleMLP(cfg.members, in_dim, 1, cfg.hidden).to(self.device)
         self.q_target = freeze(copy.deepcopy(self.q))
         self.optimizer = _adamw(self.q.parameters(), cfg.lr, cfg.weight_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = stream_generator(cfg.seed, BATCHES, self.device)
         self.row_pools = self._row_pools() if cfg.refit_bootstrap else None
         self.updates = 0
         self.losses: list[tuple[int, float]] = []
@@ -199,7 +199,7 @@ class FQE:
         """V_m(s) = E_{a ~ pi(s)} Q_m(s, a) of every member: [M, N] (`value_samples` draws when stochastic)."""
         obs = torch.as_tensor(obs, dtype=torch.float32)
         k = (samples or self.cfg.value_samples) if self.policy.samples_actions else 1
-        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        gen = stream_generator(self.cfg.seed, VALUE_SAMPLES)
         out = []
         for i in range(0, len(obs), chunk):
             o = obs[i:i + chunk]

@@ -32,6 +32,7 @@ from offlab.data.schema import Dataset
 from offlab.dynamics import DynamicsConfig, DynamicsEnsemble, Termination, fit_dynamics, termination_for
 from offlab.evaluation.ope.episodes import percentile_interval
 from offlab.evaluation.ope.policy import TargetPolicy
+from offlab.nets import NOISE, stream_generator
 
 
 @dataclass
@@ -120,7 +121,7 @@ def model_based_estimate(policy: TargetPolicy, ds: Dataset, gamma: float, config
     if len(start_rows) > cfg.max_starts:
         start_rows = np.sort(rng.choice(start_rows, cfg.max_starts, replace=False))
     starts = ds.obs[start_rows]
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = stream_generator(cfg.seed, NOISE)
     r = cfg.rollouts_per_start
     disc, undisc, length = rollout_returns(model, policy, np.repeat(starts, r, axis=0), horizon, gamma, terminal, gen,
                                            model_noise=cfg.model_noise)
