@@ -76,6 +76,27 @@ def artifact_root(uri: str) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Hold an exclusive lock on a local sqlite store (`<db>.lock` beside it) while its tables or an experiment
+    are created, so `offlab fit` processes started side by side on a fresh store do not race each other.
+    A no-op for servers and databases, which serialise this themselves, and where fcntl is missing."""
+    db = sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_reachable(uri: str | None = None, timeout: float = REACH_TIMEOUT_S) -> str:
     """Raise TrackingError (one line, within ~timeout seconds) when the store cannot be used; return the URI."""
     uri = uri or tracking_uri()
@@ -139,9 +160,10 @@ class Tracker:
     def __init__(self, uri: str | None = None, timeout: float = REACH_TIMEOUT_S):
         self.uri = check_reachable(uri, timeout)
         try:
-            self.client = quiet_client(self.uri)
-            with _quiet("mlflow"):
-                self.client.search_experiments(max_results=1)
+            with store_lock(self.uri):  # the first client of a fresh sqlite file creates its tables
+                self.client = quiet_client(self.uri)
+                with _quiet("mlflow"):
+                    self.client.search_experiments(max_results=1)
         except MlflowException as e:
             raise TrackingError(f"MLflow store {self.uri} cannot be used: {_one_line(e)}") from None
         self.run_id: str | None = None
@@ -161,7 +183,17 @@ class Tracker:
             return None
         root = artifact_root(self.uri)
         location = (root / dataset).as_uri() if root is not None else None
-        return self.client.create_experiment(dataset, artifact_location=location)
+        with store_lock(self.uri):
+            exp = self.client.get_experiment_by_name(dataset)  # another process may have created it meanwhile
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return self.client.create_experiment(dataset, artifact_location=location)
+            except MlflowException as e:
+                exp = self.client.get_experiment_by_name(dataset)  # created by a process on another machine
+                if exp is None:
+                    raise TrackingError(f"MLflow store {self.uri} failed: {_one_line(e)}") from None
+                return exp.experiment_id
 
     # runs ---------------------------------------------------------------------------------------
 

@@ -242,3 +242,24 @@ def test_a_fresh_sqlite_store_is_created_without_mlflow_info_lines(tmp_path, cap
     assert (tmp_path / "fresh" / "mlflow.db").is_file()
     err = capfd.readouterr().err
     assert "Creating initial MLflow database tables" not in err and "INFO" not in err, err
+
+
+def _open_store_and_experiment(uri: str, barrier) -> str:
+    barrier.wait()  # every process reaches the fresh store at the same moment
+    return tracking.Tracker(uri).experiment_id("hopper-medium")
+
+
+def test_parallel_fits_on_a_fresh_store_share_it(tmp_path):
+    """Seeds launched side by side (`offlab fit --seed 0 & offlab fit --seed 1 &`) on a store nobody has used
+    yet: one process creates the sqlite tables and the dataset's experiment, the others wait and use them."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    ctx = mp.get_context("spawn")
+    n = 4
+    with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        barrier = manager.Barrier(n)
+        ids = list(pool.map(_open_store_and_experiment, [uri] * n, [barrier] * n))
+    assert len(set(ids)) == 1
+    assert len(MlflowClient(uri).search_experiments(filter_string="name = 'hopper-medium'")) == 1
