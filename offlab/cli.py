@@ -361,12 +361,16 @@ def compare_cmd(
     builds = {r["dataset_hash"] for r in rows if r["dataset_hash"]}
     mixed = len(builds) > 1  # the name was rebuilt (e.g. under another simulator version) between runs
     table = Table(title=f"{dataset}: {metric}")
-    for col in ("run", "run id", "algo", "seed", "steps", "status", "final", "best", *(["data"] if mixed else [])):
-        table.add_column(col, justify="right" if col in ("steps", "final", "best") else "left")
+    # the step of the final value, when it is not where every run stopped (a run cut short, a metric logged early)
+    at_step = any(r["steps"] != r["trained_steps"] for r in rows)
+    numeric = ("trained", "final", "at step", "best")
+    for col in ("run", "run id", "algo", "seed", "trained", "status", "final", *(["at step"] if at_step else []),
+                "best", *(["data"] if mixed else [])):
+        table.add_column(col, justify="right" if col in numeric else "left")
     fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
     for r in sorted(rows, key=lambda r: -(r["final"] if r["final"] is not None else float("-inf"))):
-        cells = [r["run"], r["run_id"], r["algo"], str(r["seed"]), fmt(r["steps"]), r["status"], fmt(r["final"]),
-                 fmt(r["best"])]
+        cells = [r["run"], r["run_id"], r["algo"], str(r["seed"]), fmt(r["trained_steps"]), r["status"],
+                 fmt(r["final"]), *([fmt(r["steps"])] if at_step else []), fmt(r["best"])]
         if mixed:
             cells.append((r["dataset_hash"] or "?")[:8])
         table.add_row(*cells)

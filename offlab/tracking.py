@@ -482,8 +482,10 @@ def log_dataset_quality(run, dataset) -> dict[str, float]:
 
 
 def compare_runs(dataset: str, metric: str = "eval/normalized_score", uri: str | None = None) -> list[dict[str, Any]]:
-    """The runs of one dataset side by side: run, algo, seed, steps, status, final and best `metric`, and the
-    content hash of the data each trained on (a dataset rebuilt under another simulator version is other data)."""
+    """The runs of one dataset side by side: run, algo, seed, status, final and best `metric`, the step of the
+    final value (`steps`), how far the run trained (`trained_steps`, the furthest step it logged anything at),
+    and the content hash of the data each trained on (a dataset rebuilt under another simulator version is
+    other data)."""
     tracker = Tracker(uri)
     exp = tracker.experiment_id(dataset, create=False)
     if exp is None:
@@ -506,12 +508,15 @@ def compare_runs(dataset: str, metric: str = "eval/normalized_score", uri: str |
         values = [m.value for m in history]
         tags, params = run.data.tags, run.data.params
         last_step = history[-1].step if history else None
+        # how far the run trained: the furthest step of anything it logged (train/* every log_every steps)
+        trained = max((m.step for m in run.data.to_proto().metrics), default=None)
         rows.append({
             "run": run.info.run_name,
             "run_id": run.info.run_id,
             "algo": tags.get("algo", params.get("algo", "")),
             "seed": tags.get("seed", params.get("seed", "")),
             "steps": last_step,
+            "trained_steps": trained,
             "status": run.info.status,
             "final": values[-1] if values else None,
             "best": (min(values) if lower_is_better else max(values)) if values else None,

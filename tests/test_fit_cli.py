@@ -56,8 +56,9 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
     [row] = json.loads(compared.stdout)
     assert row["run_id"] == result["run_id"] and row["algo"] == "td3bc" and row["seed"] == "4"
     assert row["steps"] == 12 and row["final"] == pytest.approx(result["final_eval"]["normalized_score"])
+    assert row["trained_steps"] == 12
     table = CliRunner().invoke(app, ["compare", "--dataset", TINY])
-    assert table.exit_code == 0 and "td3bc-s4" in table.stdout
+    assert table.exit_code == 0 and "td3bc-s4" in table.stdout and "trained" in table.stdout
     # a metric no run logged is a mistake, not a column of blanks
     one_line_error(run_cli("compare", "--dataset", TINY, "--metric", "eval/normalised_score"),
                    "no run of 'hopper-tiny' logged 'eval/normalised_score'", "did you mean 'eval/normalized_score'",

@@ -102,9 +102,14 @@ def test_compare_lines_up_runs_of_one_dataset():
     for r in rows:
         values = [m.value for m in client.get_metric_history(r["run_id"], "eval/normalized_score")]
         assert r["final"] == values[-1] and r["best"] == max(values) and r["steps"] == 20
-        assert r["status"] == "FINISHED"
+        assert r["status"] == "FINISHED" and r["trained_steps"] == 20
     loss_rows = tracking.compare_runs(TINY, "train/bc_loss")
     assert all(r["best"] <= r["final"] for r in loss_rows if r["final"] is not None)
+    # a run that never logged the metric still shows how far it trained
+    [td3bc] = [r for r in tracking.compare_runs(TINY, "train/critic_loss") if r["algo"] == "td3bc"]
+    [bc] = [r for r in tracking.compare_runs(TINY, "train/critic_loss") if r["algo"] == "bc" and r["seed"] == "0"]
+    assert td3bc["final"] is not None and td3bc["trained_steps"] == 20
+    assert bc["final"] is None and bc["steps"] is None and bc["trained_steps"] == 20
     with pytest.raises(TrackingError, match="no runs for dataset 'other'"):
         tracking.compare_runs("other")
 
