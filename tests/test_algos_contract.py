@@ -174,6 +174,20 @@ def test_same_seed_gives_bit_identical_parameters_on_cpu(name, pendulum_data):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_random_draws_do_not_replay_the_initialisations_numbers(name, pendulum_data):
+    """Weights come from torch.manual_seed(seed); a generator seeded with the same integer would hand the
+    update (TD3's smoothing noise, a policy's samples) the very numbers the weights were made of."""
+    seed = 3
+    learner = build(name, pendulum_data, seed=seed)
+    generators = [v for v in vars(learner).values() if isinstance(v, torch.Generator)]
+    init_stream = torch.Generator().manual_seed(seed).get_state()
+    for gen in generators:
+        assert not torch.equal(gen.get_state(), init_stream)
+    states = [g.get_state() for g in generators]
+    assert all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_bf16_mixed_precision_keeps_float32_outputs_and_state_and_still_fits(name, pendulum_data):
     """Under `mixed_precision(bf16)` (`--precision bf16`) the update runs its hidden matmuls in bfloat16
     but every network output (Q, V, actions) is float32, the state stays float32 and deterministic,
