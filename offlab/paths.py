@@ -28,6 +28,11 @@ def staging_dir() -> Path:
     return home() / ".staging"
 
 
+def locks_dir() -> Path:
+    """Lock files that serialise work two offlab processes could otherwise do at once (`file_lock`)."""
+    return home() / ".locks"
+
+
 def catalog_dir() -> Path:
     """The shipped catalog, behaviour policies and recipes (the repository's datasets/ folder)."""
     return Path(os.environ.get("OFFLAB_CATALOG_DIR", REPO_ROOT / "datasets"))
@@ -71,3 +76,25 @@ def atomic_write(path: Path, mode: str = "wb", *, fsync: bool = False) -> Iterat
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) until the block ends.
+
+    Serialises work that processes started side by side would otherwise race on (building a missing dataset,
+    creating a fresh MLflow store). The lock goes with the process: a killed holder frees it. A no-op where
+    fcntl is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -80,21 +80,13 @@ def artifact_root(uri: str) -> Path | None:
 def store_lock(uri: str):
     """Hold an exclusive lock on a local sqlite store (`<db>.lock` beside it) while its tables or an experiment
     are created, so `offlab fit` processes started side by side on a fresh store do not race each other.
-    A no-op for servers and databases, which serialise this themselves, and where fcntl is missing."""
+    A no-op for servers and databases, which serialise this themselves."""
     db = sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
-    if db is None or fcntl is None:
+    if db is None:
         yield
         return
-    with open(db.with_name(db.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with paths.file_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def check_reachable(uri: str | None = None, timeout: float = REACH_TIMEOUT_S) -> str:

@@ -194,3 +194,37 @@ def test_collect_reads_an_sb3_sac_file_without_sb3(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     ds = build.collect("Hopper-v5", str(tmp_path / "sac.zip"), 200, "from-sb3")
     assert len(ds) == 200 and ds.card.behavior_policy["algorithm"] == "SB3 SAC"
+
+
+def _get_at_barrier(env: dict, name: str, barrier) -> str:
+    import os
+
+    os.environ.update(env)
+    barrier.wait()  # every process finds the dataset missing at the same moment
+    return registry.get(name, download=False).card.content_hash
+
+
+@needs_hopper
+def test_parallel_gets_of_a_missing_dataset_build_it_once(tmp_path, monkeypatch):
+    """`offlab fit --seed 0 & offlab fit --seed 1 &` on a machine without the data: one process builds it, the
+    others wait for it and load it, instead of building it again and failing on the name at the end."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import yaml
+
+    cat = yaml.safe_load((catalog_dir() / "catalog.yaml").read_text())
+    cat["datasets"]["hopper-random"]["recipe"]["steps"] = 600
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "catalog.yaml").write_text(yaml.safe_dump(cat))
+    (tmp_path / "cat" / "policies").symlink_to(catalog_dir() / "policies")
+    env = {"OFFLAB_CATALOG_DIR": str(tmp_path / "cat"), "OFFLAB_HOME": os.environ["OFFLAB_HOME"]}
+    n = 3
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        barrier = manager.Barrier(n)
+        hashes = list(pool.map(_get_at_barrier, [env] * n, ["hopper-random"] * n, [barrier] * n))
+    assert len(set(hashes)) == 1
+    monkeypatch.setenv("OFFLAB_CATALOG_DIR", env["OFFLAB_CATALOG_DIR"])
+    assert store.load_dataset("hopper-random").card.content_hash == hashes[0]

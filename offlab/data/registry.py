@@ -121,6 +121,14 @@ def get(name: str, *, download: bool = True, build: bool = True, progress: bool 
     e = entry(name)
     if e is None:
         raise not_found(name)
+    # one process fetches or builds a missing dataset; others started beside it wait, then load its copy
+    with paths.file_lock(paths.locks_dir() / f"dataset-{name}.lock"):
+        if store.exists(name):
+            return store.load_dataset(name)
+        return _fetch_or_build(name, e, download=download, build=build, progress=progress)
+
+
+def _fetch_or_build(name: str, e: CatalogEntry, *, download: bool, build: bool, progress: bool) -> Dataset:
     from offlab.data import minari_io
 
     if e.minari_id and minari_io.is_local(e.minari_id):
