@@ -23,7 +23,9 @@ What learners may declare (all optional):
   is an `OnlineContext` (offline data, replay buffer, mixed-batch sampler, step, second env).
 - `needs_second_env = True`: the context carries a second simulator (`RunConfig.second_env`).
 
-Reproducibility: one seed drives everything (networks, batches, exploration, episode resets). A
+Reproducibility: one seed drives everything (networks, batches, exploration, episode resets). The
+initial weights come from torch.manual_seed(seed); every other stream (batches, exploration, a learner's
+noise) from its own generator seeded by `nets.stream_generator(seed, stream)`, so none replays another. A
 checkpoint holds the learner's state_dict (networks, optimisers, its generator), the sampler's and
 the exploration noise's generator states, the global torch/numpy/python RNG states, the train-metric
 accumulators, the step counter, and in the online phase the replay buffer plus the current
