@@ -79,22 +79,27 @@ def atomic_write(path: Path, mode: str = "wb", *, fsync: bool = False) -> Iterat
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if missing) until the block ends.
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on `path` (created if missing) until the block ends; yields True.
 
     Serialises work that processes started side by side would otherwise race on (building a missing dataset,
-    creating a fresh MLflow store). The lock goes with the process: a killed holder frees it. A no-op where
-    fcntl is missing (Windows).
+    creating a fresh MLflow store, training one run). With `wait=False` it yields False at once, holding
+    nothing, when another process holds the lock. The lock goes with its process: a killed holder frees it.
+    A no-op (yields True) where fcntl is missing (Windows).
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -605,22 +605,34 @@ def fit(run: RunConfig, *, progress: bool = True, on_start=None) -> FitResult:
     dataset = registry.get(run.dataset, progress=progress)
     trainer = Trainer(run, dataset, device, tracker, progress)
     tracker.start_run(run, dataset, str(device))
-    folder = run_dir(tracker.run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    config_file = folder / "config.yaml"
-    config_file.write_text(run.to_yaml())
-    tracker.log_artifact(config_file)  # before the slow quality metrics: a run killed from here on can resume
-    tracker.log_quality(run, dataset)
-    if on_start is not None:
-        on_start(tracker.run_id)
-    return _train(trainer)
+    with _training_lock(tracker.run_id):
+        config_file = run_dir(tracker.run_id) / "config.yaml"
+        config_file.write_text(run.to_yaml())
+        tracker.log_artifact(config_file)  # before the slow quality metrics: a run killed from here on can resume
+        tracker.log_quality(run, dataset)
+        if on_start is not None:
+            on_start(tracker.run_id)
+        return _train(trainer)
+
+
+@contextlib.contextmanager
+def _training_lock(run_id: str):
+    """Held while a process trains run `run_id` (a lock file in its run folder), so that `--resume` of a run
+    that is still training elsewhere on this machine fails at once instead of writing beside it. A process
+    that was killed holds nothing: its run resumes."""
+    folder = run_dir(run_id)
+    with paths.file_lock(folder / ".training.lock", wait=False) as mine:
+        if not mine:
+            raise ConfigError(f"run '{run_id}' is being trained by another process right now; wait for it to end "
+                              f"or stop it (Ctrl-C keeps a checkpoint), then resume")
+        yield
+
 
 
 def resume(run_id: str, *, dataset: str | None = None, device: str | None = None, progress: bool = True,
            on_start=None) -> FitResult:
     """Continue run `run_id` from its last checkpoint (or from the start when it never wrote one)."""
     from offlab import tracking
-    from offlab.data import registry
 
     tracker = tracking.Tracker()
     mlrun = tracker.get_run(run_id)
@@ -632,6 +644,14 @@ def resume(run_id: str, *, dataset: str | None = None, device: str | None = None
             f"run '{run_id}' belongs to dataset '{tags['dataset']}', not '{dataset}'; drop --dataset or pass "
             f"--dataset {tags['dataset']}"
         )
+    with _training_lock(run_id):  # before its checkpoint is read: nobody else may be writing it
+        return _resume(tracker, mlrun, device, progress, on_start)
+
+
+def _resume(tracker, mlrun, device: str | None, progress: bool, on_start) -> FitResult:
+    from offlab.data import registry
+
+    run_id, tags = mlrun.info.run_id, mlrun.data.tags
     folder = run_dir(run_id)
     ckpt_file = folder / "checkpoint.pt"
     if not ckpt_file.exists():

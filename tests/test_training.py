@@ -152,6 +152,14 @@ def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupt
                             stderr=subprocess.PIPE, env=env, text=True)
     _, step = wait_for_checkpoint(proc, runs, {reference} | ({p.name for p in runs.glob("*")} - {run_id}),
                                   min_step=270)
+    # a second --resume while this one trains (paused, so it cannot finish meanwhile): refused at once
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        twice = subprocess.run(cli("fit", "--resume", run_id), capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert twice.returncode == 2 and len(twice.stderr.strip().splitlines()) == 1, twice.stderr
+    assert f"run '{run_id}' is being trained by another process" in twice.stderr
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
