@@ -607,7 +607,8 @@ def fit(run: RunConfig, *, progress: bool = True, on_start=None) -> FitResult:
     tracker.start_run(run, dataset, str(device))
     with _training_lock(tracker.run_id):
         config_file = run_dir(tracker.run_id) / "config.yaml"
-        config_file.write_text(run.to_yaml())
+        with paths.atomic_write(config_file, "w") as f:
+            f.write(run.to_yaml())
         tracker.log_artifact(config_file)  # before the slow quality metrics: a run killed from here on can resume
         tracker.log_quality(run, dataset)
         if on_start is not None:

@@ -456,8 +456,8 @@ def write_html(report: dict, path: str | Path) -> Path:
 {''.join(f'<th>{e}</th>' for e in ests)}</tr>{pol}</table>
 {fig.to_html(full_html=False, include_plotlyjs='cdn')}
 </body></html>"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html)
+    with paths.atomic_write(path, "w") as f:  # a report killed mid-write leaves the previous one whole
+        f.write(html)
     return path
 
 
