@@ -38,7 +38,7 @@ os.dup2(2, 1)  # d3rlpy's own prints and logs go to stderr
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))  # bench_d3rlpy.py --threads
 
 import d3rlpy  # noqa: E402
 from d3rlpy.preprocessing import ReturnBasedRewardScaler, StandardObservationScaler  # noqa: E402

@@ -189,8 +189,9 @@ def prototype_td3bc(variant: str):
 
 
 class Worker:
-    def __init__(self, python: str, log: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": ""}
+    def __init__(self, python: str, log: Path, threads: int = 1):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "BENCH_THREADS": str(threads), "PYTHONPATH": ""}
         env.pop("OFFLAB_HOME", None)
         self.log = open(log, "w")
         self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -245,12 +246,14 @@ def main() -> None:
                    help="offlab TD3+BC variants timed beside the rest (comma-separated, '' for none; see "
                         "prototype_td3bc)")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both libraries (default 1; the libraries are timed in turns, never at once)")
     args = p.parse_args()
 
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["OFFLAB_HOME"] = str(home)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     from offlab.algos import get_algo
     from offlab.algos.base import LearnerSpec
@@ -262,7 +265,7 @@ def main() -> None:
     data = Transitions(ds)
     spec = LearnerSpec.from_transitions(data)
 
-    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log")
+    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log", args.threads)
     worker.send({"cmd": "setup", "npz": str(npz), "algos": algos, "steps": args.steps, "warmup": args.warmup,
                  "seed": 0, "batch": 256})
 
@@ -346,7 +349,7 @@ def main() -> None:
         return med([x / y for x, y in zip(res[a][what], res[b][what], strict=True)])
 
     print(f"\nHopper-v5, {len(data)} transitions; {args.rounds} rounds x {args.steps} updates, warm-up {args.warmup};"
-          f" 1 thread; {platform.processor() or platform.machine()}; load avg "
+          f" {args.threads} thread(s); {platform.processor() or platform.machine()}; load avg "
           f"{load[0][0]:.1f} at start, {load[-1][0]:.1f} at end; rounds took {elapsed:.0f}s")
     head = ("| learner | offlab updates/s (wall) | d3rlpy updates/s (wall) | offlab CPU ms/update "
             "| d3rlpy CPU ms/update | d3rlpy/offlab CPU | d3rlpy/offlab wall |")
