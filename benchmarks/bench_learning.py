@@ -51,10 +51,8 @@ def use_bench_stores() -> None:
 def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32", search: str = "auto"):
     from offlab import tracking
 
-    uri = tracking.tracking_uri()
-    with tracking.store_lock(uri):  # seeds started side by side on a fresh store: one creates its tables
-        client = tracking.quiet_client(uri)
-        exp = client.get_experiment_by_name(dataset)
+    client = tracking.Tracker().client  # opens a fresh store under its lock: seeds may start side by side
+    exp = client.get_experiment_by_name(dataset)
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], f"tags.algo = '{algo}' and tags.seed = '{seed}' "

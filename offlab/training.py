@@ -629,7 +629,6 @@ def _training_lock(run_id: str):
         yield
 
 
-
 def resume(run_id: str, *, dataset: str | None = None, device: str | None = None, progress: bool = True,
            on_start=None) -> FitResult:
     """Continue run `run_id` from its last checkpoint (or from the start when it never wrote one)."""

@@ -98,17 +98,21 @@ def test_medium_replay_mixes_warmup_and_snapshots_and_medium_expert_is_half_and_
     assert [p["dataset"] for p in me.card.behavior_policy["parts"]] == ["hopper-medium", "hopper-expert"]
 
 
-@needs_hopper
-def test_get_builds_when_nothing_else_resolves(tmp_path, monkeypatch):
-    # a copy of the catalog whose hopper-random recipe is small; the real shipped policies
+def small_hopper_random_catalog(folder, steps: int) -> str:
+    """A copy of the catalog whose hopper-random recipe is `steps` long, with the real shipped policies."""
     import yaml
 
     cat = yaml.safe_load((catalog_dir() / "catalog.yaml").read_text())
-    cat["datasets"]["hopper-random"]["recipe"]["steps"] = 800
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "catalog.yaml").write_text(yaml.safe_dump(cat))
-    (tmp_path / "cat" / "policies").symlink_to(catalog_dir() / "policies")
-    monkeypatch.setenv("OFFLAB_CATALOG_DIR", str(tmp_path / "cat"))
+    cat["datasets"]["hopper-random"]["recipe"]["steps"] = steps
+    folder.mkdir()
+    (folder / "catalog.yaml").write_text(yaml.safe_dump(cat))
+    (folder / "policies").symlink_to(catalog_dir() / "policies")
+    return str(folder)
+
+
+@needs_hopper
+def test_get_builds_when_nothing_else_resolves(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLAB_CATALOG_DIR", small_hopper_random_catalog(tmp_path / "cat", 800))
     assert registry.resolve_source("hopper-random") == "build"
     ds = registry.get("hopper-random", download=False)
     assert store.exists("hopper-random") and ds.card.source["kind"] == "built" and len(ds) == 800
@@ -212,14 +216,8 @@ def test_parallel_gets_of_a_missing_dataset_build_it_once(tmp_path, monkeypatch)
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    import yaml
-
-    cat = yaml.safe_load((catalog_dir() / "catalog.yaml").read_text())
-    cat["datasets"]["hopper-random"]["recipe"]["steps"] = 600
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "catalog.yaml").write_text(yaml.safe_dump(cat))
-    (tmp_path / "cat" / "policies").symlink_to(catalog_dir() / "policies")
-    env = {"OFFLAB_CATALOG_DIR": str(tmp_path / "cat"), "OFFLAB_HOME": os.environ["OFFLAB_HOME"]}
+    env = {"OFFLAB_CATALOG_DIR": small_hopper_random_catalog(tmp_path / "cat", 600),
+           "OFFLAB_HOME": os.environ["OFFLAB_HOME"]}
     n = 3
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:

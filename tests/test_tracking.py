@@ -106,8 +106,9 @@ def test_compare_lines_up_runs_of_one_dataset():
     loss_rows = tracking.compare_runs(TINY, "train/bc_loss")
     assert all(r["best"] <= r["final"] for r in loss_rows if r["final"] is not None)
     # a run that never logged the metric still shows how far it trained
-    [td3bc] = [r for r in tracking.compare_runs(TINY, "train/critic_loss") if r["algo"] == "td3bc"]
-    [bc] = [r for r in tracking.compare_runs(TINY, "train/critic_loss") if r["algo"] == "bc" and r["seed"] == "0"]
+    critic_rows = tracking.compare_runs(TINY, "train/critic_loss")
+    [td3bc] = [r for r in critic_rows if r["algo"] == "td3bc"]
+    [bc] = [r for r in critic_rows if r["algo"] == "bc" and r["seed"] == "0"]
     assert td3bc["final"] is not None and td3bc["trained_steps"] == 20
     assert bc["final"] is None and bc["steps"] is None and bc["trained_steps"] == 20
     with pytest.raises(TrackingError, match="no runs for dataset 'other'"):
