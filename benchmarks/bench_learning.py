@@ -204,14 +204,15 @@ def report(args) -> None:
             partial = sum((dataset, algo, seed) in PARTIAL for seed in runs)
             seeds = f"{len(runs)}" + (f" ({partial} unfinished)" if partial else "")
             builds = data_builds(dataset, algo, runs)
-            if len(set(builds.values())) > 1:  # a rebuilt dataset (e.g. another MuJoCo version) is other data
+            if len(set(builds.values())) > 1:  # builds with other hashes (another simulator may mean other data)
                 seeds += " †"
                 mixed.append(f"{dataset} {algo}: " + ", ".join(f"s{s} on {h[:8]}" for s, h in sorted(builds.items())))
             lines.append(f"| {dataset} | {algo} | {seeds} | {steps:,} | {np.mean(finals):.1f}{sd} | "
                          f"{np.mean(last5):.1f} | {np.mean(best):.1f} | "
                          f"{PUBLISHED.get(dataset, {}).get(base_algo(algo), '-')} |")
     if mixed:
-        lines += ["", "† seeds trained on different builds of the dataset (content hash):", *(f"- {m}" for m in mixed)]
+        lines += ["", "† seeds trained on builds with different content hashes (hopper-medium's two hold the same "
+                  "transitions; their behaviour log-probs differ by float32 ulps, datasets.md):", *(f"- {m}" for m in mixed)]
     print("\n".join(lines))
     import matplotlib
 

@@ -27,8 +27,22 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: list, get, build, import, export, inspect, delete.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console for offlab's output; in logs and pipes, lines and tables at 160 columns, not rich's 80.
+
+    Soft wrap keeps a long line (a run id, a path) on one line; off a terminal, rich would otherwise cut
+    tables to 80 columns and clip dataset names. `COLUMNS` still sets the width where given.
+    """
+    out = Console(stderr=stderr, soft_wrap=True)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = 160
+    return out
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 MINARI_SUFFIX = (".hdf5", ".h5", ".parquet", ".pq", ".csv")
 

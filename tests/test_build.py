@@ -30,6 +30,43 @@ def test_same_name_steps_and_seed_give_the_same_hash_whatever_the_workers():
     assert a.card.source["simulator"]["mujoco"] == mujoco.__version__  # the hash holds under this simulator
 
 
+_LOGP_PROBE = """
+import hashlib
+from offlab.data import build
+cols = build.rollout("Hopper-v5", [build.Part(build.resolve_policy("hopper/medium"), 3000)], seed=0)
+print(*(hashlib.sha256(cols[k].tobytes()).hexdigest() for k in ("obs", "action", "logp")))
+"""
+
+
+@needs_hopper
+def test_a_build_does_not_depend_on_the_cpus_vector_instructions():
+    # torch's float32 kernels round a few ulps differently under AVX2 and without it (and under AVX-512), which
+    # used to change ~11% of the logged behaviour log-probs, and so the content hash, from one machine to another
+    import os
+    import subprocess
+    import sys
+
+    digests = {}
+    for isa in ("default", "avx2"):  # ATen's scalar kernels, then its AVX2 ones (any x86-64 CPU of the last decade)
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+        out = subprocess.run([sys.executable, "-c", _LOGP_PROBE], env=env, capture_output=True, text=True, check=True)
+        digests[isa] = out.stdout.split()
+    assert digests["default"] == digests["avx2"]
+
+
+def test_the_logged_log_prob_is_the_tanh_gaussian_density():
+    import torch
+
+    from offlab.nets import tanh_gaussian_log_prob
+
+    rng = np.random.default_rng(0)
+    mean, log_std = rng.normal(size=(500, 3)), rng.uniform(-5, 2, size=(500, 3))
+    u = mean + np.exp(log_std) * rng.normal(size=(500, 3)) * 3
+    expected = tanh_gaussian_log_prob(*(torch.from_numpy(x) for x in (u, mean, log_std))).numpy()
+    # up to torch's softplus, which returns x itself above x = 20 (an error of exp(-20) = 2e-9)
+    np.testing.assert_allclose(build._tanh_gaussian_log_prob64(u, mean, log_std), expected, rtol=1e-12, atol=1e-8)
+
+
 @needs_hopper
 def test_random_dataset_scores_near_zero():
     ds = build.build_dataset("hopper-random", steps=4000, seed=0, workers=1)

@@ -164,12 +164,7 @@ class _Actor:
             if noise > 0:  # deterministic mean + Gaussian noise, clipped to the box
                 return self._gaussian_noise(np.tanh(mean), eps, noise)
             u = mean + np.exp(log_std) * eps
-            with torch.no_grad():
-                from offlab.nets import tanh_gaussian_log_prob
-
-                logp = tanh_gaussian_log_prob(torch.from_numpy(u), torch.from_numpy(mean),
-                                              torch.from_numpy(log_std)).numpy()
-            logp = logp - np.log(self.scale).sum()
+            logp = _tanh_gaussian_log_prob64(u, mean, log_std) - np.log(self.scale.astype(np.float64)).sum()
             return self.center + self.scale * np.tanh(u), logp.astype(np.float32)
         # a deterministic policy (MLflow model), optionally with Gaussian exploration noise
         a = np.asarray(self.net.predict(obs), dtype=np.float32).reshape(n, -1)
@@ -185,6 +180,24 @@ class _Actor:
         # density of the Gaussian before clipping (exact wherever the action stays inside the box)
         logp = (-0.5 * eps**2 - math.log(noise) - 0.5 * math.log(2 * math.pi)).sum(-1) - np.log(self.scale).sum()
         return self.center + self.scale * np.clip(a, -1, 1), logp.astype(np.float32)
+
+
+def _tanh_gaussian_log_prob64(u: np.ndarray, mean: np.ndarray, log_std: np.ndarray) -> np.ndarray:
+    """`nets.tanh_gaussian_log_prob` for the logged behaviour log-probs, in float64 with the action dims summed in a
+    fixed order.
+
+    In float32, torch's vectorised kernels round differently with the CPU's instruction set (AVX2 against AVX-512),
+    so the same build gave log-probs a few ulps apart, and another content hash, on different machines. In float64
+    such gaps almost never survive the rounding to float32.
+    """
+    u, mean, log_std = (np.asarray(x, np.float64) for x in (u, mean, log_std))
+    normal = -0.5 * ((u - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - np.logaddexp(0.0, -2.0 * u))  # log |d tanh(u)/du|, stably
+    per_dim = normal - log_det
+    total = per_dim[:, 0].copy()
+    for i in range(1, per_dim.shape[1]):  # left to right, never a vectorised reduction
+        total += per_dim[:, i]
+    return total
 
 
 def _load_pyfunc(uri: str):
