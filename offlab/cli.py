@@ -129,11 +129,15 @@ def data_get(
     name: str,
     no_download: bool = typer.Option(False, "--no-download", help="Do not try the Minari hub."),
     no_build: bool = typer.Option(False, "--no-build", help="Do not build from the shipped policies."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Make a dataset available: local cache -> local Minari store -> Minari download -> build."""
     from offlab.data import registry
 
     ds = registry.get(name, download=not no_download, build=not no_build, progress=True)
+    if as_json:
+        print_json(_dataset_result(ds))
+        return
     console.print(f"[green]{name}[/green]: {len(ds):,} transitions, {ds.n_episodes:,} episodes "
                   f"({ds.card.source.get('kind', '?')}), hash {ds.card.content_hash}")
 
@@ -146,6 +150,7 @@ def data_build(
     workers: int = typer.Option(2, "--workers", help="Worker processes (the result does not depend on it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over an existing dataset."),
     as_name: str | None = typer.Option(None, "--name", help="Store under another name (default: NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Build a catalog dataset in the simulator from the shipped behaviour policies (rollouts only)."""
     import time
@@ -153,9 +158,9 @@ def data_build(
     from offlab.data import build
 
     t0 = time.perf_counter()
-    ds = build.build_dataset(name, steps=steps, seed=seed, workers=workers, overwrite=overwrite, progress=True,
-                             store_as=as_name)
-    _print_built(ds, time.perf_counter() - t0)
+    ds = build.build_dataset(name, steps=steps, seed=seed, workers=workers, overwrite=overwrite,
+                             progress=True, store_as=as_name)
+    _print_built(ds, time.perf_counter() - t0, as_json)
 
 
 @data_app.command("collect")
@@ -170,6 +175,7 @@ def data_collect(
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers"),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Collect a dataset from any policy you have."""
     import time
@@ -179,18 +185,34 @@ def data_collect(
     t0 = time.perf_counter()
     ds = build.collect(env, policy, steps, name, noise=noise, seed=seed, workers=workers, overwrite=overwrite,
                        progress=True)
-    _print_built(ds, time.perf_counter() - t0)
+    _print_built(ds, time.perf_counter() - t0, as_json)
 
 
-def _print_built(ds, seconds: float) -> None:
+def _dataset_result(ds, **extra) -> dict:
+    """What the data commands print about the dataset they made available, for `--json` (stable keys)."""
+    from offlab.data import store
     from offlab.envs.make import normalized_score
 
     returns = ds.episode_returns()
-    line = (f"[green]{ds.card.name}[/green]: {len(ds):,} transitions, {ds.n_episodes:,} episodes, "
-            f"mean return {returns.mean():.1f}")
-    if ds.card.ref_min_score is not None:
-        line += f" (normalised {float(normalized_score(returns.mean(), ds.card.ref_min_score, ds.card.ref_max_score)):.1f})"
-    console.print(line + f", hash {ds.card.content_hash}, {seconds:.1f} s")
+    mean = float(returns.mean()) if len(returns) else None
+    score = None
+    if mean is not None and ds.card.ref_min_score is not None and ds.card.ref_max_score is not None:
+        score = float(normalized_score(mean, ds.card.ref_min_score, ds.card.ref_max_score))
+    return {"name": ds.card.name, "env": ds.card.env_id, "n_steps": len(ds), "n_episodes": ds.n_episodes,
+            "return_mean": mean, "normalized_score": score, "content_hash": ds.card.content_hash,
+            "source": ds.card.source.get("kind"), "path": str(store.dataset_path(ds.card.name)), **extra}
+
+
+def _print_built(ds, seconds: float, as_json: bool = False) -> None:
+    r = _dataset_result(ds, seconds=round(seconds, 3))
+    if as_json:
+        print_json(r)
+        return
+    line = (f"[green]{r['name']}[/green]: {r['n_steps']:,} transitions, {r['n_episodes']:,} episodes, "
+            f"mean return {r['return_mean']:.1f}")
+    if r["normalized_score"] is not None:
+        line += f" (normalised {r['normalized_score']:.1f})"
+    console.print(line + f", hash {r['content_hash']}, {seconds:.1f} s")
 
 
 @data_app.command("import")
@@ -203,6 +225,7 @@ def data_import(
         "reward, terminated, truncated, episode, step, cost, behavior_logp). Flattened columns state_0..k work too."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of that name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Import a Minari dataset or a log file into the store."""
     from offlab.data import file_io, minari_io
@@ -227,6 +250,9 @@ def data_import(
         raise OfflabError(
             f"'{source}' is neither an existing file nor a Minari dataset id (namespace/env/name-vN); check the path"
         )
+    if as_json:
+        print_json(_dataset_result(ds, imported_from=source, notes=ds.card.notes))
+        return
     console.print(f"[green]{name}[/green]: imported {len(ds):,} transitions, {ds.n_episodes:,} episodes "
                   f"from {source}, hash {ds.card.content_hash}")
     if ds.card.notes:
@@ -238,11 +264,16 @@ def data_export(
     name: str,
     minari_id: str = typer.Option(..., "--minari", help="Minari dataset id to write, e.g. offlab/hopper/mine-v0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a Minari dataset with that id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Export a stored dataset to the local Minari store (minari.load_dataset reads it)."""
     from offlab.data import minari_io
 
     md = minari_io.export_minari(name, minari_id, overwrite=overwrite)
+    if as_json:
+        print_json({"name": name, "minari_id": minari_id, "n_episodes": int(md.total_episodes),
+                    "n_steps": int(md.total_steps)})
+        return
     console.print(f"[green]{minari_id}[/green]: {md.total_episodes:,} episodes, {md.total_steps:,} steps "
                   f"written to the local Minari store")
 
@@ -251,6 +282,7 @@ def data_export(
 def data_delete(
     name: str,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Delete a dataset from the local cache."""
     from offlab.data import store
@@ -259,6 +291,9 @@ def data_delete(
     if not yes and sys.stdin.isatty() and not typer.confirm(f"Delete dataset '{name}'?"):
         raise typer.Exit(1)
     store.delete_dataset(name)
+    if as_json:
+        print_json({"deleted": name})
+        return
     console.print(f"deleted {name}")
 
 

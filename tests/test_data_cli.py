@@ -94,6 +94,33 @@ def test_list_json_shows_the_catalog_and_local_datasets(cli, tmp_path, sim):
     assert piped.returncode == 0 and all(f" {name} " in piped.stdout for name in rows) and "…" not in piped.stdout
 
 
+def test_every_data_command_that_makes_or_removes_a_dataset_prints_json(cli, tmp_path, sim):
+    keys = {"name", "env", "n_steps", "n_episodes", "return_mean", "normalized_score", "content_hash", "source", "path"}
+    code, out, _ = cli("data", "import", log_file(tmp_path / "a.parquet", sim), "--name", "mine", "--env", "Hopper-v5",
+                       "--json")
+    imported = json.loads(out)
+    assert code == 0 and set(imported) == keys | {"imported_from", "notes"}
+    assert imported["n_steps"] == len(sim) and imported["n_episodes"] == sim.n_episodes
+    assert imported["return_mean"] == pytest.approx(float(sim.episode_returns().mean()))
+    assert imported["source"] == "parquet" and imported["path"] == str(store.dataset_path("mine"))
+
+    code, out, _ = cli("data", "get", "mine", "--json")
+    assert code == 0 and json.loads(out) == {k: imported[k] for k in keys}
+    code, human, _ = cli("data", "get", "mine")
+    assert imported["content_hash"] in human and f"{len(sim):,} transitions" in human
+
+    code, out, err = cli("data", "build", "hopper-random", "--steps", "600", "--workers", "1", "--json")
+    built = json.loads(out)  # stdout holds the JSON alone; the progress bar is on stderr
+    assert code == 0 and set(built) == keys | {"seconds"} and built["seconds"] > 0
+    assert built["n_steps"] == 600 and built["source"] == "built" and -10 < built["normalized_score"] < 10
+
+    code, out, _ = cli("data", "export", "mine", "--minari", "offlab/hopper/mine-v0", "--json")
+    assert code == 0 and json.loads(out) == {"name": "mine", "minari_id": "offlab/hopper/mine-v0",
+                                             "n_episodes": sim.n_episodes, "n_steps": len(sim)}
+    code, out, _ = cli("data", "delete", "mine", "--yes", "--json")
+    assert code == 0 and json.loads(out) == {"deleted": "mine"} and not store.exists("mine")
+
+
 def test_info_json_of_a_stored_dataset_and_of_a_catalog_entry(cli, tmp_path, sim):
     cli("data", "import", log_file(tmp_path / "a.parquet", sim), "--name", "mine", "--env", "Hopper-v5")
     code, out, _ = cli("data", "info", "mine", "--json")
