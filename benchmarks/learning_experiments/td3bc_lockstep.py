@@ -22,7 +22,8 @@ loss averaged over those steps (offlab fit's train/critic_loss) and the mean Q1(
 dataset states to --out. A diverging critic shows there as Q(s, pi(s)) leaving its plateau (walker2d-medium:
 172-189) for hundreds. `--scaler d3rlpy` puts d3rlpy's fitted normaliser in offlab's place and
 `--drop-timeouts` samples as d3rlpy does, never the last transition of a time-limited episode (session 16).
-`--streams d3rlpy` also takes d3rlpy's own initial weights and random streams (session 16).
+`--streams d3rlpy` also takes d3rlpy's own initial weights and random streams (session 16); `--streams d3rlpy-weights`
+takes d3rlpy's initial weights alone, with offlab's batch and noise streams (session 18).
 """
 
 from __future__ import annotations
@@ -163,11 +164,13 @@ def alone(args) -> None:
         gap = float(np.abs(sc.std - ours.spec.obs_std).max())
         ours.normalizer = Normalizer(sc.mean, sc.std + sc.eps)
         print(f"offlab's normaliser replaced by d3rlpy's (std gap up to {gap:.2e})", flush=True)
-    if args.streams == "d3rlpy":  # d3rlpy's random streams, as its `fit` after d3rlpy.seed(seed) draws them
+    if args.streams in ("d3rlpy", "d3rlpy-weights"):  # d3rlpy's initial weights, as d3rlpy.seed(seed) then draws them
         d3rlpy.seed(args.seed)
-        D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from="d3rlpy")  # its initial weights
-        ours.generator.set_state(torch.get_rng_state())  # smoothing noise: the global torch stream from here on
-        print("d3rlpy's initial weights and random streams", flush=True)
+        D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from="d3rlpy")
+        if args.streams == "d3rlpy":
+            ours.generator.set_state(torch.get_rng_state())  # smoothing noise: the global torch stream from here on
+        print("d3rlpy's initial weights" + (" and random streams" if args.streams == "d3rlpy" else
+                                             "; offlab's batch and noise streams"), flush=True)
     if args.drop_timeouts or args.streams == "d3rlpy":  # never the last transition of a time-limited episode
         keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
         print(f"sampling {len(keep)} of {len(data)} rows (time-limit rows dropped)", flush=True)
@@ -218,9 +221,9 @@ def main() -> None:
                    help="d3rlpy's fitted normaliser in place of offlab's")
     b.add_argument("--drop-timeouts", action="store_true",
                    help="never sample the last transition of a time-limited episode, as d3rlpy does")
-    b.add_argument("--streams", choices=("offlab", "d3rlpy"), default="offlab",
+    b.add_argument("--streams", choices=("offlab", "d3rlpy", "d3rlpy-weights"), default="offlab",
                    help="offlab learner: d3rlpy's initial weights, batch stream (numpy) and noise stream after "
-                        "d3rlpy.seed(seed), sampling as --drop-timeouts")
+                        "d3rlpy.seed(seed), sampling as --drop-timeouts; d3rlpy-weights: its initial weights only")
     for q in (a, b):
         q.add_argument("--dataset", default="walker2d-medium")
         q.add_argument("--seed", type=int, default=0)
