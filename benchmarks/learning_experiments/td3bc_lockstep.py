@@ -23,7 +23,8 @@ dataset states to --out. A diverging critic shows there as Q(s, pi(s)) leaving i
 172-189) for hundreds. `--scaler d3rlpy` puts d3rlpy's fitted normaliser in offlab's place and
 `--drop-timeouts` samples as d3rlpy does, never the last transition of a time-limited episode (session 16).
 `--streams d3rlpy` also takes d3rlpy's own initial weights and random streams (session 16); `--streams d3rlpy-weights`
-takes d3rlpy's initial weights alone, with offlab's batch and noise streams (session 18).
+takes d3rlpy's initial weights alone, with offlab's batch and noise streams, and `--streams d3rlpy-draws` d3rlpy's
+batch and noise streams alone, with offlab's initial weights (session 18).
 """
 
 from __future__ import annotations
@@ -164,17 +165,20 @@ def alone(args) -> None:
         gap = float(np.abs(sc.std - ours.spec.obs_std).max())
         ours.normalizer = Normalizer(sc.mean, sc.std + sc.eps)
         print(f"offlab's normaliser replaced by d3rlpy's (std gap up to {gap:.2e})", flush=True)
-    if args.streams in ("d3rlpy", "d3rlpy-weights"):  # d3rlpy's initial weights, as d3rlpy.seed(seed) then draws them
+    d3rlpy_draws = args.streams in ("d3rlpy", "d3rlpy-draws")  # batches from numpy, noise from the global torch RNG
+    if args.streams != "offlab":  # d3rlpy.seed(seed), then d3rlpy draws its initial weights from the global torch RNG
         d3rlpy.seed(args.seed)
-        D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from="d3rlpy")
-        if args.streams == "d3rlpy":
+        weights = "offlab" if args.streams == "d3rlpy-draws" else "d3rlpy"  # d3rlpy-draws: its draw made, not used
+        D3rlpyTwin(ours, ds, use_offlab_scaler=args.scaler == "offlab", weights_from=weights)
+        if d3rlpy_draws:
             ours.generator.set_state(torch.get_rng_state())  # smoothing noise: the global torch stream from here on
-        print("d3rlpy's initial weights" + (" and random streams" if args.streams == "d3rlpy" else
-                                             "; offlab's batch and noise streams"), flush=True)
-    if args.drop_timeouts or args.streams == "d3rlpy":  # never the last transition of a time-limited episode
+        print({"d3rlpy": "d3rlpy's initial weights and random streams",
+               "d3rlpy-weights": "d3rlpy's initial weights; offlab's batch and noise streams",
+               "d3rlpy-draws": "offlab's initial weights; d3rlpy's batch and noise streams"}[args.streams], flush=True)
+    if args.drop_timeouts or d3rlpy_draws:  # never the last transition of a time-limited episode
         keep = torch.nonzero(~data.truncated.bool().cpu()).squeeze(1)
         print(f"sampling {len(keep)} of {len(data)} rows (time-limit rows dropped)", flush=True)
-    if args.streams == "d3rlpy":
+    if d3rlpy_draws:
         def draw():  # d3rlpy: np.random.randint(transition_count) per transition, from numpy's global generator
             return data.batch(keep[torch.from_numpy(np.random.randint(len(keep), size=256))])
     elif args.drop_timeouts:
@@ -221,9 +225,10 @@ def main() -> None:
                    help="d3rlpy's fitted normaliser in place of offlab's")
     b.add_argument("--drop-timeouts", action="store_true",
                    help="never sample the last transition of a time-limited episode, as d3rlpy does")
-    b.add_argument("--streams", choices=("offlab", "d3rlpy", "d3rlpy-weights"), default="offlab",
+    b.add_argument("--streams", choices=("offlab", "d3rlpy", "d3rlpy-weights", "d3rlpy-draws"), default="offlab",
                    help="offlab learner: d3rlpy's initial weights, batch stream (numpy) and noise stream after "
-                        "d3rlpy.seed(seed), sampling as --drop-timeouts; d3rlpy-weights: its initial weights only")
+                        "d3rlpy.seed(seed), sampling as --drop-timeouts; d3rlpy-weights: its initial weights only; "
+                        "d3rlpy-draws: its batch and noise streams only")
     for q in (a, b):
         q.add_argument("--dataset", default="walker2d-medium")
         q.add_argument("--seed", type=int, default=0)
