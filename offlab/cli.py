@@ -28,7 +28,6 @@ data_app = typer.Typer(help="Datasets: list, get, build, import, export, inspect
 app.add_typer(data_app, name="data")
 
 
-
 def _console(stderr: bool = False) -> Console:
     """A console for offlab's output; in logs and pipes, lines and tables at 160 columns, not rich's 80.
 
