@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -42,10 +46,6 @@ print(*(hashlib.sha256(cols[k].tobytes()).hexdigest() for k in ("obs", "action",
 def test_a_build_does_not_depend_on_the_cpus_vector_instructions():
     # torch's float32 kernels round a few ulps differently under AVX2 and without it (and under AVX-512), which
     # used to change ~11% of the logged behaviour log-probs, and so the content hash, from one machine to another
-    import os
-    import subprocess
-    import sys
-
     digests = {}
     for isa in ("default", "avx2"):  # ATen's scalar kernels, then its AVX2 ones (any x86-64 CPU of the last decade)
         env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)

@@ -483,14 +483,10 @@ def collect(env_id: str, policy: str, steps: int, name: str, *, noise: float = 0
 def _with_progress(fn, total: int, label: str, show: bool):
     if not show:
         return fn(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from offlab.progress import progress_bar
 
-    # on stderr: stdout is kept for results (`--json`)
-    with Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        return fn(lambda n: bar.advance(task, n))
+    with progress_bar(label, total) as advance:
+        return fn(advance)
 
 
 

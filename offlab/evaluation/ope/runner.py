@@ -309,18 +309,9 @@ class _Bar:
 
         if not self.show:
             return contextlib.nullcontext(None)
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from offlab.progress import progress_bar
 
-        @contextlib.contextmanager
-        def bar():  # on stderr: stdout is kept for results (`--json`)
-            with Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-                          console=Console(stderr=True)) as p:
-                task = p.add_task(label, total=total)
-                yield lambda n: p.advance(task, n)
-
-        return bar()
+        return progress_bar(label, total)
 
 
 # ------------------------------------------------------------------------------------ MLflow
