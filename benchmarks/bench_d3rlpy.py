@@ -16,7 +16,9 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   lr 3e-4, each paper's defaults (TD3+BC alpha 2.5, policy delay 2, smoothing 0.2/0.5; IQL
   expectile 0.7, beta 3, max weight 100, reward scale 1000 / return range; PRDC alpha 2.5, beta 2,
   k 1; BC deterministic MSE), states standardised where the paper does (BC, TD3+BC, PRDC), CPU,
-  one thread (`torch.set_num_threads(1)`, OMP/MKL_NUM_THREADS=1; d3rlpy's PRDC index n_jobs=1).
+  `--threads` torch threads each (default one per core, both libraries' default; OMP/MKL_NUM_THREADS to
+  match; d3rlpy's PRDC index n_jobs=1). offlab runs under the OpenMP spin that `offlab fit` sets
+  (`offlab.threads.openmp_defaults`), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
   as the training loop samples; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
   d3rlpy's `update` converts to tensors, so that conversion counts as update time). Sampling a batch
@@ -49,6 +51,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# offlab's side runs under the OpenMP spin `offlab fit` sets; d3rlpy's under libgomp's default, as its users
+# run it, unless the shell set a policy or spin count (then both get it) or --same-openmp is given
+USER_OPENMP = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+from offlab.threads import openmp_defaults  # noqa: E402
+
+openmp_defaults()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -189,10 +197,14 @@ def prototype_td3bc(variant: str):
 
 
 class Worker:
-    def __init__(self, python: str, log: Path, threads: int = 1):
+    def __init__(self, python: str, log: Path, threads: int = 1, same_openmp: bool = False):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "BENCH_THREADS": str(threads), "PYTHONPATH": ""}
         env.pop("OFFLAB_HOME", None)
+        if not same_openmp:  # d3rlpy's own OpenMP setting (libgomp's default) unless the user chose one
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                env.pop(k, None)
+            env.update(USER_OPENMP)
         self.log = open(log, "w")
         self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=log.parent)
@@ -225,6 +237,12 @@ class Worker:
 # ------------------------------------------------------------------------------------ main
 
 
+def openmp_of(environ) -> str:
+    """The OpenMP wait setting a process runs under, for the report."""
+    chosen = [f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ]
+    return ",".join(chosen) or "libgomp default"
+
+
 def timed(fn, n: int) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
@@ -246,9 +264,13 @@ def main() -> None:
                    help="offlab TD3+BC variants timed beside the rest (comma-separated, '' for none; see "
                         "prototype_td3bc)")
     p.add_argument("--json", default="", help="also write the results here")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for both libraries (default 1; the libraries are timed in turns, never at once)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for both libraries (default 0: one per core, both libraries' default; the "
+                        "libraries are timed in turns, never at once)")
+    p.add_argument("--same-openmp", action="store_true",
+                   help="run d3rlpy under offlab's OpenMP spin too (default: libgomp's own, as d3rlpy's users get)")
     args = p.parse_args()
+    args.threads = args.threads or len(os.sched_getaffinity(0))
 
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
@@ -265,7 +287,7 @@ def main() -> None:
     data = Transitions(ds)
     spec = LearnerSpec.from_transitions(data)
 
-    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log", args.threads)
+    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log", args.threads, args.same_openmp)
     worker.send({"cmd": "setup", "npz": str(npz), "algos": algos, "steps": args.steps, "warmup": args.warmup,
                  "seed": 0, "batch": 256})
 
@@ -349,7 +371,9 @@ def main() -> None:
         return med([x / y for x, y in zip(res[a][what], res[b][what], strict=True)])
 
     print(f"\nHopper-v5, {len(data)} transitions; {args.rounds} rounds x {args.steps} updates, warm-up {args.warmup};"
-          f" {args.threads} thread(s); {platform.processor() or platform.machine()}; load avg "
+          f" {args.threads} thread(s); OpenMP offlab {openmp_of(os.environ)}, d3rlpy "
+          f"{openmp_of(os.environ) if args.same_openmp else openmp_of(USER_OPENMP)};"
+          f" {platform.processor() or platform.machine()}; load avg "
           f"{load[0][0]:.1f} at start, {load[-1][0]:.1f} at end; rounds took {elapsed:.0f}s")
     head = ("| learner | offlab updates/s (wall) | d3rlpy updates/s (wall) | offlab CPU ms/update "
             "| d3rlpy CPU ms/update | d3rlpy/offlab CPU | d3rlpy/offlab wall |")
@@ -390,7 +414,9 @@ def main() -> None:
             print(f"offlab {k} / offlab td3bc: {r_cpu:.2f}x cpu, {r_wall:.2f}x wall "
                   f"({summary[f'offlab/{k}']['cpu_ms']:.2f} cpu ms/update){extra}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "summary": summary,
+        openmp = {"offlab": openmp_of(os.environ),
+                  "d3rlpy": openmp_of(os.environ) if args.same_openmp else openmp_of(USER_OPENMP)}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "summary": summary, "openmp": openmp,
                                                "d3rlpy": info, "python": sys.version}, indent=1))
 
 

@@ -7,16 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-# Idle OpenMP threads (faiss's, scikit-learn's, torch's) spin by default. In a quality report they take
-# turns with the BC-fitting thread on few cores, and passive waiting cut a cold 1M-transition walker2d
-# report from 62 s to 49 s (benchmarks/quality.md). It must be set before any OpenMP runtime loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from offlab.errors import OfflabError
+from offlab.threads import openmp_defaults
+
+# Idle OpenMP threads (faiss's, scikit-learn's, torch's) spin ~3 ms by default and take the core of a helper
+# thread (a report's BC models, PRDC's search); not spinning at all slows every multi-threaded training step.
+# A ~100 us spin does both jobs. It must be set before any OpenMP runtime loads (none has, up to here).
+openmp_defaults()
 
 app = typer.Typer(
     help="offlab: offline-RL datasets, quality reports, learners, off-policy evaluation, MLflow tracking.",
@@ -65,6 +66,11 @@ def whole_number(value) -> int:
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _show_progress(as_json: bool) -> bool:
+    """Progress bars go to stderr, so `--json` keeps them where a person watches (a terminal), not in a log file."""
+    return not as_json or err_console.is_terminal
 
 
 def _json_default(o):
@@ -316,7 +322,8 @@ def fit_cmd(
                                          "(faster on CPUs with AVX512-BF16/AMX and recent GPUs; numbers differ)."),
     ope: str | None = typer.Option(None, "--ope", help="Estimate the final policy's value off-policy, e.g. "
                                    "--ope fqe,mb (logged as ope/<estimator>; see `offlab ope`)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the progress bar stays on a "
+                                 "terminal's stderr)."),
 ):
     """Train a learner on a dataset, tracked in MLflow (see `offlab algos` for learners and settings)."""
     from offlab import training
@@ -334,12 +341,12 @@ def fit_cmd(
         if extra:
             raise OfflabError(f"--resume keeps the run's own config; drop {', '.join(extra)} (only --dataset and "
                               f"--device may accompany it)")
-        result = training.resume(resume, dataset=dataset, device=device, progress=not as_json, on_start=announce)
+        result = training.resume(resume, dataset=dataset, device=device, progress=_show_progress(as_json), on_start=announce)
     else:
         flags = {"dataset": dataset, "algo": algo, "steps": steps, "seed": seed, "eval_every": eval_every,
                  "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device, "ope": ope, "precision": precision}
         run, _ = resolve_run(config, flags, sets)
-        result = training.fit(run, progress=not as_json, on_start=announce)
+        result = training.fit(run, progress=_show_progress(as_json), on_start=announce)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -571,7 +578,8 @@ def ope_cmd(
     out: Path | None = typer.Option(None, "--out", help="validate: write the HTML report here (e.g. ope.html)."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log to MLflow (the run's ope/* metrics; validate: "
                              "a parent run with the DOPE metrics)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (no progress bar)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the progress bar stays on a "
+                                 "terminal's stderr)."),
 ):
     """Off-policy evaluation: `offlab ope RUN_ID`, `offlab ope --policy URI --dataset NAME`, or
     `offlab ope validate evaluators/hopper-medium.yaml [--out ope.html]` (every estimator vs simulator truth)."""
@@ -606,7 +614,7 @@ def ope_cmd(
         raise OfflabError("--policy needs --dataset NAME (the data to evaluate it on)")
     fqe_cfg, mb_cfg, _ = ope.estimator_configs(seed, fqe_updates, mb_updates)
     result = ope.estimate(policy, dataset, names, gamma=gamma, mode=mode, sigma=sigma, behavior=behavior,
-                          fqe=fqe_cfg, mb=mb_cfg, bootstrap=bootstrap, seed=seed, progress=not as_json)
+                          fqe=fqe_cfg, mb=mb_cfg, bootstrap=bootstrap, seed=seed, progress=_show_progress(as_json))
     if run_id is not None and log:
         ope.log_estimates(run_id, result)
         result["logged_to_run"] = run_id
@@ -653,7 +661,7 @@ def _ope_validate(suite: str, out: Path | None, log: bool, as_json: bool) -> Non
 
     parsed = load_suite(suite)  # one-line ConfigError for a file that does not parse
     say = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
-    report = validate_suite(parsed, out_html=out, log=log, progress=not as_json, echo=say)
+    report = validate_suite(parsed, out_html=out, log=log, progress=_show_progress(as_json), echo=say)
     if as_json:
         print_json(report)
         return

@@ -72,8 +72,9 @@ class RunConfig:
     precision: str = "float32"
     """float32, or bf16: mixed precision for the updates (hidden-layer matmuls in bfloat16; ~1.4x faster on
     CPUs with AVX512-BF16/AMX; numbers differ from float32; benchmarks/d3rlpy_speed.md)."""
-    threads: int = 1
-    """torch CPU threads (0: torch's default); 1 avoids oversubscription when runs share the machine."""
+    threads: int = 0
+    """torch CPU threads; 0: torch's default, one per core. Use 1 when several runs share the machine; the
+    count is tagged on the run (torch_threads), and float sums, hence the numbers, depend on it."""
     dataset_quality: bool = True
     """Log the dataset's quality metrics (quality/*, TQ and diagnostics) on the run; seconds on large datasets."""
     ope: str = ""

@@ -1,14 +1,20 @@
 """Helper threads that overlap independent work with the main thread's (numpy, scipy, faiss and torch release
 the GIL in their kernels, so two such computations run on two cores), and faiss's thread count.
 
-Used by PRDC (the neighbour search beside the critic step) and the quality report (the BC models beside the
+Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models beside the
 neighbour searches). One single-thread pool per purpose and process, created on first use.
+
+Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 
@@ -18,6 +24,72 @@ def helper_thread(purpose: str) -> ThreadPoolExecutor:
     if purpose not in _POOLS:
         _POOLS[purpose] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=purpose)
     return _POOLS[purpose]
+
+
+class SplitWork:
+    """Independent chunks of work, started at once on the `purpose` helper thread from the front; `result()`
+    has the calling thread take chunks from the back until the two meet, then returns the outputs in order.
+
+    So work that outlasts what the caller did meanwhile is finished on two cores, not one. Which thread ran
+    a chunk never changes its output: the chunks must not depend on each other.
+    """
+
+    def __init__(self, purpose: str, fn: Callable[[Any], Any], chunks: list):
+        self.fn, self.chunks = fn, chunks
+        self.out: list = [None] * len(chunks)
+        self.lock = threading.Lock()
+        self.front, self.back = 0, len(chunks) - 1
+        self.helper = helper_thread(purpose).submit(self._drain, True)
+
+    def _take(self, from_front: bool) -> int | None:
+        with self.lock:
+            if self.front > self.back:
+                return None
+            if from_front:
+                self.front += 1
+                return self.front - 1
+            self.back -= 1
+            return self.back + 1
+
+    def _drain(self, from_front: bool) -> None:
+        while (i := self._take(from_front)) is not None:
+            self.out[i] = self.fn(self.chunks[i])
+
+    def result(self) -> list:
+        self._drain(from_front=False)
+        self.helper.result()  # the chunk the helper is still on (and its exception, if it raised)
+        return self.out
+
+
+# libgomp's spin count before an idle OpenMP thread sleeps (about 100 us; libgomp's own default is ~3 ms,
+# and OMP_WAIT_POLICY=PASSIVE is 0). Long spins let torch's idle pool threads take the core of a helper
+# thread (a PRDC search, a report's BC models); no spin makes every parallel op of a training step wake its
+# threads from sleep, which halved TD3+BC's speed on two threads (benchmarks/d3rlpy_speed.md, session 19).
+SPIN_COUNT = "10000"
+
+
+def openmp_defaults(environ=os.environ) -> None:
+    """Set the short spin unless the user chose a wait policy or spin count. Call before torch/faiss/sklearn load."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+@contextlib.contextmanager
+def torch_threads_beside(pending):
+    """Within the block torch uses one thread fewer while `pending` (a helper thread's work) runs, so the two
+    share the cores instead of contending for one; the count is restored after. A no-op with one thread or
+    no pending work."""
+    import torch
+
+    n = torch.get_num_threads()
+    if pending is None or n < 2:
+        yield
+        return
+    torch.set_num_threads(n - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @contextlib.contextmanager

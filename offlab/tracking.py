@@ -6,7 +6,8 @@ Conventions (DESIGN.md "Tracking"):
   beside the database file (`<db folder>/artifacts/<experiment>`).
 - One experiment per dataset (named after it); one run per `offlab fit`, named `<algo>-s<seed>`.
 - Tags: algo, dataset, dataset_hash, seed, offlab_version, git_commit (when offlab runs from a git
-  checkout), env_id, device. Params: the run config flattened (`offlab.config.flatten`).
+  checkout), env_id, device, torch_threads (the updates' CPU threads). Params: the run config flattened
+  (`offlab.config.flatten`).
 - Metrics: `train/*` (averaged over log_every steps), `eval/return`, `eval/return_se`,
   `eval/normalized_score`, `online/*`, `quality/*` (dataset quality, when offlab.data.metrics has it).
 - Inputs: the dataset via `log_inputs` (name, digest = content hash, source = its folder).
@@ -44,7 +45,8 @@ from offlab.errors import ConfigError, TrackingError, did_you_mean
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars on downloads
 
 REACH_TIMEOUT_S = 3.0
-OFFLAB_TAGS = ("algo", "dataset", "dataset_hash", "seed", "offlab_version", "git_commit", "env_id", "device")
+OFFLAB_TAGS = ("algo", "dataset", "dataset_hash", "seed", "offlab_version", "git_commit", "env_id", "device",
+               "torch_threads")
 
 
 # ------------------------------------------------------------------------------------ the store
@@ -192,6 +194,8 @@ class Tracker:
     def start_run(self, run, dataset, device: str) -> str:
         """Create the run: tags, params (the flattened config) and the dataset as input. Its quality metrics
         come after, from `log_quality`: they can take a minute, and the run's config should be stored first."""
+        import torch
+
         from offlab import __version__
         from offlab.config import flatten
 
@@ -199,6 +203,7 @@ class Tracker:
         tags = {
             "algo": run.algo, "dataset": run.dataset, "dataset_hash": dataset.card.content_hash,
             "seed": str(run.seed), "offlab_version": __version__, "env_id": dataset.card.env_id, "device": device,
+            "torch_threads": str(torch.get_num_threads()),
         }
         commit = git_commit()
         if commit:

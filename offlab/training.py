@@ -362,6 +362,7 @@ class Trainer:
         self.env_kwargs = dict(card.env_kwargs or {})
         self.ref = registry.score_range(run.dataset, card)
 
+        self._threads_before = torch.get_num_threads()  # the caller's count, restored by close()
         if run.threads:
             torch.set_num_threads(run.threads)
         if run.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -516,6 +517,7 @@ class Trainer:
         return self.step >= total
 
     def close(self) -> None:
+        torch.set_num_threads(self._threads_before)
         self.evaluator.close()
         if self.online is not None:
             self.online.close()

@@ -239,3 +239,27 @@ def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_r
             learner.update(data.sample(64, g))
         runs.append([p.detach().clone() for p in (*learner.actor.parameters(), *learner.critic.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_the_critic_step_leaves_a_core_to_the_overlapped_search(hopper_random, monkeypatch):
+    """With n torch threads the critic step that runs beside the helper thread's search uses n - 1 (the two
+    would otherwise contend for one core), the other critic steps and the actor step use n, and the count
+    is restored."""
+    import offlab.algos.prdc as prdc_module
+
+    data = Transitions(hopper_random)
+    learner = PRDC(PRDCConfig(hidden=SMALL), LearnerSpec.from_transitions(data))
+    seen = []
+    critic_loss = prdc_module.td3_critic_loss
+    monkeypatch.setattr(prdc_module, "td3_critic_loss",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or critic_loss(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            learner.update(data.sample(64, g))
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3, 2, 3, 2]  # the actor steps (every second update) search beside the critic step

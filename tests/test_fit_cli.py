@@ -65,6 +65,48 @@ def test_fit_from_a_run_file_with_overrides_then_compare(tmp_path):
                    "logged: eval/normalized_score")
 
 
+def test_fit_json_keeps_the_progress_bar_on_a_terminal_and_off_a_pipe():
+    """`--json` is for scripts reading stdout; a person watching a terminal's stderr still sees the bar."""
+    import pty
+    import subprocess
+    import sys
+    import threading
+
+    def fit_json(stderr_on_a_terminal: bool) -> tuple[dict, str]:
+        cmd = [sys.executable, "-m", "offlab.cli", "fit", "--dataset", TINY, "--algo", "bc", *FAST, "--json"]
+        if not stderr_on_a_terminal:
+            done = run_cli(*cmd[3:])
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout), done.stderr
+        main_fd, term_fd = pty.openpty()
+        seen = bytearray()
+
+        def drain():  # read as it comes, so a full terminal buffer never blocks the run
+            while True:
+                try:
+                    chunk = os.read(main_fd, 4096)
+                except OSError:  # the run closed its end
+                    return
+                if not chunk:
+                    return
+                seen.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=term_fd, env=dict(os.environ, TERM="xterm"))
+        os.close(term_fd)
+        out, _ = proc.communicate(timeout=600)
+        reader.join(timeout=30)
+        os.close(main_fd)
+        assert proc.returncode == 0, seen.decode(errors="replace")
+        return json.loads(out), seen.decode(errors="replace")
+
+    on_terminal, shown = fit_json(stderr_on_a_terminal=True)
+    assert on_terminal["step"] == 20 and "bc hopper-tiny" in shown and "20/20" in shown
+    piped, logged = fit_json(stderr_on_a_terminal=False)
+    assert piped["step"] == 20 and "20/20" not in logged and "bc hopper-tiny" not in logged
+
+
 def test_compare_flags_runs_that_trained_on_different_builds_of_a_dataset(hopper_random):
     from offlab.data.store import write_dataset
     from tests.helpers import make_sim_dataset

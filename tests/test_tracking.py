@@ -23,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("tiny_store")
 def test_a_run_reads_back_with_mlflow_client(hopper_random):
     run, _ = resolve_run(None, {"dataset": TINY, "algo": "td3bc", "steps": 60, "eval_every": 30, "eval_episodes": 2,
                                 "seed": 3}, ["hidden=32,32", "log_every=20", "actor_lr=1e-4",
-                                                                  "dataset_quality=false"])
+                                             "dataset_quality=false", "threads=2"])
+    threads_before = torch.get_num_threads()
     result = training.fit(run, progress=False)
+    assert torch.get_num_threads() == threads_before  # the run's thread count does not outlive it
     client = MlflowClient()
     got = client.get_run(result.run_id)
 
@@ -35,6 +37,7 @@ def test_a_run_reads_back_with_mlflow_client(hopper_random):
     assert tags["dataset_hash"] == hopper_random.card.content_hash
     assert tags["offlab_version"] == offlab.__version__ and tags["env_id"] == "Hopper-v5"
     assert len(tags.get("git_commit", "0" * 40)) == 40
+    assert tags["torch_threads"] == "2"  # the count the updates ran with (numbers depend on it)
 
     params = got.data.params
     assert params == flatten(run)

@@ -14,7 +14,8 @@ Differs from the reference code:
   principal axes (distances, hence neighbours, unchanged; the query costs less). It runs on a helper
   thread while the critic steps (`overlap_search`): the critic step leaves the actor unchanged, so
   the neighbours are the same, and with a free core the search costs no wall time up to the length
-  of a critic step.
+  of a critic step. With several torch threads that critic step uses one fewer, leaving the search a
+  core; a search that outlasts it is finished on both (the queries come in chunks, `SplitWork`).
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
@@ -56,7 +57,7 @@ from offlab.nets import (
     stream_generator,
     take_step,
 )
-from offlab.threads import faiss_threads, helper_thread
+from offlab.threads import SplitWork, faiss_threads, torch_threads_beside
 
 SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
@@ -121,6 +122,16 @@ PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+class PendingSearch:
+    """A host neighbour search under way (NearestDatasetAction.start_search)."""
+
+    def __init__(self, work: SplitWork, device: torch.device):
+        self.work, self.device = work, device
+
+    def result(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
+
+
 class NearestDatasetAction:
     """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
 
@@ -129,6 +140,9 @@ class NearestDatasetAction:
     round trip costs more than the arithmetic). `ivf` is approximate: faiss's inverted file splits the
     keys into about sqrt(N) k-means cells and scans only the `ivf_probe` cells nearest each query.
     """
+
+    SPLIT_ROWS = 32
+    """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
                  device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8):
@@ -179,22 +193,27 @@ class NearestDatasetAction:
         index.nprobe = min(probe, cells)
         return index
 
-    def _ivf_index(self, query: np.ndarray) -> torch.Tensor:
+    def _host_query(self, query: torch.Tensor) -> np.ndarray:
+        """The queries as the host index takes them: rotated float64 for the tree, float32 for faiss."""
+        q = query.cpu().numpy()
+        if self.search == "kdtree":
+            return (q.astype(np.float64) - self.key_mean) @ self.rotation
+        return np.ascontiguousarray(q, dtype=np.float32)
+
+    def _host_index(self, query: np.ndarray) -> np.ndarray:
+        """Row index of each (prepared) query's nearest key, on one core: it may run beside the critic step."""
+        if self.search == "kdtree":
+            return np.asarray(self.tree.query(query, k=1, workers=1)[1], dtype=np.int64)
         import faiss
 
-        query = np.ascontiguousarray(query, dtype=np.float32)
-        with faiss_threads(1):  # one core, as the KD-tree search (it may run beside the critic step)
+        with faiss_threads(1):
             _, idx = self.ivf.search(query, 1)
             idx = idx[:, 0]
             empty = idx < 0  # every probed cell was empty: search them all
             if empty.any():
                 everywhere = faiss.SearchParametersIVF(nprobe=self.ivf.nlist)
                 idx[empty] = self.ivf.search(query[empty], 1, params=everywhere)[1][:, 0]
-        return torch.from_numpy(idx.astype(np.int64)).to(self.actions.device)
-
-    def _tree_index(self, query: np.ndarray) -> torch.Tensor:
-        _, idx = self.tree.query((query - self.key_mean) @ self.rotation, k=1, workers=1)
-        return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.actions.device)
+        return idx.astype(np.int64)
 
     @torch.no_grad()
     def _exact_index(self, query: torch.Tensor) -> torch.Tensor:
@@ -216,11 +235,16 @@ class NearestDatasetAction:
     def nearest_index(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Row index of each query's nearest dataset key, as a long tensor on the actions' device."""
         query = self._query(norm_obs, action)
-        if self.search == "kdtree":
-            return self._tree_index(query.cpu().numpy().astype(np.float64))
-        if self.search == "ivf":
-            return self._ivf_index(query.cpu().numpy())
+        if self.on_host:
+            return torch.from_numpy(self._host_index(self._host_query(query))).to(self.actions.device)
         return self._exact_index(query)
+
+    def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor) -> PendingSearch:
+        """Begin a host search on the helper thread and return at once; `.result()` gives `nearest_index`'s
+        answer. The caller's thread takes the remaining queries when it asks (so both cores finish them)."""
+        query = self._host_query(self._query(norm_obs, action))
+        chunks = [query[i:i + self.SPLIT_ROWS] for i in range(0, len(query), self.SPLIT_ROWS)]
+        return PendingSearch(SplitWork("prdc-search", self._host_index, chunks), self.actions.device)
 
     def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The nearest dataset action a_j for each query (a constant: no gradient)."""
@@ -278,25 +302,26 @@ class PRDC:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
-        pending = None
+        pending = pi = None
         if actor_step and cfg.overlap_search and index.on_host:
-            # The critic step does not change the actor, so pi(s) and its neighbour are known now: search on
-            # another thread (scipy and faiss release the GIL) while torch runs the critic step.
-            with torch.no_grad():
-                pi_now = self.actor(s)
-            pending = helper_thread("prdc-search").submit(index.nearest_index, s, pi_now)
-        critic_loss = td3_critic_loss(
-            self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2, batch.terminated,
-            gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
-            noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
-        )
-        take_step(self.critic_opt, critic_loss)
+            # The critic step does not change the actor, so pi(s) (kept for the actor step) and its neighbour
+            # are known now: search on another thread (scipy and faiss release the GIL) while torch runs the
+            # critic step.
+            pi = self.actor(s)
+            pending = index.start_search(s, pi)
+        with torch_threads_beside(pending):
+            critic_loss = td3_critic_loss(
+                self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
+                batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
+                noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
+            )
+            take_step(self.critic_opt, critic_loss)
         self.updates += 1
         metrics = {"train/critic_loss": critic_loss.item()}
 
         if actor_step:  # delayed actor and target update, as TD3+BC
             with grads_off(self.critic):  # the actor loss trains the actor only
-                pi = self.actor(s)
+                pi = self.actor(s) if pi is None else pi
                 q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
                 nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi)
