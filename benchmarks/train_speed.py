@@ -1,0 +1,87 @@
+"""Wall and CPU time per update of offlab learners on a stored dataset, in interleaved blocks (run by hand).
+
+    # PRDC against TD3+BC from initialisation on 1M walker2d transitions, blocks of 500 updates
+    python benchmarks/train_speed.py --dataset walker2d-medium --algos td3bc,prdc --threads 1 --blocks 12
+    # one learner under an OpenMP setting (it must be in the environment before torch loads)
+    GOMP_SPINCOUNT=10000 python benchmarks/train_speed.py --dataset bench-hopper-medium-100000 --algos td3bc \\
+        --threads 2 --warmup 500 --block 300 --blocks 5
+
+Each learner (its paper settings for the dataset) runs `--warmup` untimed updates, then the learners take turns,
+one block of `--block` updates each, so drift in the machine's speed reaches all of them alike. Printed per block:
+wall and CPU ms per update, and each learner's wall ratio to the first; at the end the medians and the ratio of
+the total wall times. The OpenMP setting is the environment's, with `offlab fit`'s default filled in
+(`offlab.threads.openmp_defaults`). `bench_d3rlpy.py --home` stores `bench-hopper-medium-100000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from offlab.threads import openmp_defaults
+
+openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from offlab.algos import get_algo  # noqa: E402
+from offlab.algos.base import LearnerSpec  # noqa: E402
+from offlab.data import registry  # noqa: E402
+from offlab.data.store import Transitions  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True, help="a stored dataset (OFFLAB_HOME)")
+    p.add_argument("--algos", default="td3bc,prdc", help="the first is the reference of the ratios")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--warmup", type=int, default=0, help="untimed updates per learner first")
+    p.add_argument("--block", type=int, default=500, help="updates per block")
+    p.add_argument("--blocks", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ds = registry.get(args.dataset, download=False, build=False)
+    data = Transitions(ds)
+    spec = LearnerSpec.from_transitions(data, ds.card.env_id, args.dataset)
+    learners, batches = {}, {}
+    for name in args.algos.split(","):
+        cls = get_algo(name)
+        learners[name] = cls(cls.Config(**cls.defaults_for(args.dataset), seed=args.seed), spec, "cpu")
+        batches[name] = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
+        for _ in range(args.warmup):
+            learners[name].update(data.sample(256, batches[name]))
+    first = next(iter(learners))
+    openmp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    print(f"{args.dataset}: {len(data):,} transitions; {args.threads} thread(s); OpenMP {openmp}; warm-up "
+          f"{args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
+
+    rows = []
+    for b in range(args.blocks):
+        row = {"updates": args.warmup + (b + 1) * args.block}
+        for name, learner in learners.items():
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(args.block):
+                learner.update(data.sample(256, batches[name]))
+            row[name] = {"wall_ms": (time.perf_counter() - t) / args.block * 1e3,
+                         "cpu_ms": (time.process_time() - c) / args.block * 1e3}
+        for name in learners:
+            row[name]["wall_ratio"] = row[name]["wall_ms"] / row[first]["wall_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\n| learner | median wall ms/update | median CPU ms/update | median wall ratio to {first} "
+          f"| total wall ratio |\n|---|---|---|---|---|")
+    total_first = sum(r[first]["wall_ms"] for r in rows)
+    for name in learners:
+        med = {k: statistics.median(r[name][k] for r in rows) for k in ("wall_ms", "cpu_ms", "wall_ratio")}
+        total = sum(r[name]["wall_ms"] for r in rows) / total_first
+        print(f"| {name} | {med['wall_ms']:.2f} | {med['cpu_ms']:.2f} | {med['wall_ratio']:.2f} | {total:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
