@@ -2,6 +2,7 @@
 
     # PRDC against TD3+BC from initialisation on 1M walker2d transitions, blocks of 500 updates
     python benchmarks/train_speed.py --dataset walker2d-medium --algos td3bc,prdc --threads 1 --blocks 12
+    python benchmarks/train_speed.py --dataset walker2d-medium --set prdc.nn_search=ivf     # faiss's inverted file
     # one learner under an OpenMP setting (it must be in the environment before torch loads)
     GOMP_SPINCOUNT=10000 python benchmarks/train_speed.py --dataset bench-hopper-medium-100000 --algos td3bc \\
         --threads 2 --warmup 500 --block 300 --blocks 5
@@ -26,6 +27,7 @@ from offlab.threads import openmp_defaults
 openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from offlab.algos import get_algo  # noqa: E402
 from offlab.algos.base import LearnerSpec  # noqa: E402
@@ -42,6 +44,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=500, help="updates per block")
     p.add_argument("--blocks", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="ALGO.KEY=VALUE",
+                   help="a learner setting, e.g. prdc.nn_search=ivf (repeatable)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -51,7 +55,12 @@ def main() -> None:
     learners, batches = {}, {}
     for name in args.algos.split(","):
         cls = get_algo(name)
-        learners[name] = cls(cls.Config(**cls.defaults_for(args.dataset), seed=args.seed), spec, "cpu")
+        settings = cls.defaults_for(args.dataset) | {"seed": args.seed}
+        for item in args.set:
+            key, value = item.split("=", 1)
+            if key.startswith(f"{name}."):
+                settings[key[len(name) + 1:]] = yaml.safe_load(value)
+        learners[name] = cls(cls.Config(**settings), spec, "cpu")
         batches[name] = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
         for _ in range(args.warmup):
             learners[name].update(data.sample(256, batches[name]))
