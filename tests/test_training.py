@@ -93,6 +93,18 @@ def test_same_seed_gives_the_same_numbers_offline_and_online():
     assert s1["step"] == 200 and s1["online"]["replay"]["size"] == 80
 
 
+@pytest.mark.parametrize("algo", ["td3bc", "prdc"])
+def test_two_threads_give_the_same_numbers_twice(algo):
+    """fit's default is one thread per core: with 256-wide layers and batch 256 the ops do split across two
+    threads (and PRDC's critic step drops to one beside its search), and the same seed still repeats exactly."""
+    runs = [training.fit(tiny_run(algo=algo, steps=60, online_steps=0, eval_every=60, hidden="256,256",
+                                  threads=2), progress=False) for _ in range(2)]
+    assert history(runs[0].run_id) == history(runs[1].run_id)
+    assert_same_tensors(final_state(runs[0].run_id)["learner"], final_state(runs[1].run_id)["learner"])
+    got = MlflowClient().get_run(runs[0].run_id).data
+    assert got.tags["torch_threads"] == "2" and got.params["algo.hidden"] == "[256, 256]"
+
+
 def test_checkpoint_holds_tensors_and_plain_data_only():
     result = training.fit(tiny_run(steps=40, online_steps=20, eval_episodes=0), progress=False)
     state = torch.load(result.checkpoint, weights_only=True)  # no pickled objects
