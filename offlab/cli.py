@@ -341,7 +341,8 @@ def fit_cmd(
         if extra:
             raise OfflabError(f"--resume keeps the run's own config; drop {', '.join(extra)} (only --dataset and "
                               f"--device may accompany it)")
-        result = training.resume(resume, dataset=dataset, device=device, progress=_show_progress(as_json), on_start=announce)
+        result = training.resume(resume, dataset=dataset, device=device, progress=_show_progress(as_json),
+                                 on_start=announce)
     else:
         flags = {"dataset": dataset, "algo": algo, "steps": steps, "seed": seed, "eval_every": eval_every,
                  "eval_episodes": eval_episodes, "online_steps": online_steps, "device": device, "ope": ope, "precision": precision}

@@ -1,8 +1,8 @@
 """Helper threads that overlap independent work with the main thread's (numpy, scipy, faiss and torch release
 the GIL in their kernels, so two such computations run on two cores), and faiss's thread count.
 
-Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models beside the
-neighbour searches). One single-thread pool per purpose and process, created on first use.
+Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models
+beside the neighbour searches). One single-thread pool per purpose and process, created on first use.
 
 Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`).
 """
