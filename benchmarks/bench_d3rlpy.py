@@ -53,7 +53,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 # offlab's side runs under the OpenMP spin `offlab fit` sets; d3rlpy's under libgomp's default, as its users
 # run it, unless the shell set a policy or spin count (then both get it) or --same-openmp is given
-USER_OPENMP = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+USER_OPENMP = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ}
 from offlab.threads import openmp_defaults  # noqa: E402
 
 openmp_defaults()
@@ -202,7 +202,7 @@ class Worker:
                "BENCH_THREADS": str(threads), "PYTHONPATH": ""}
         env.pop("OFFLAB_HOME", None)
         if not same_openmp:  # d3rlpy's own OpenMP setting (libgomp's default) unless the user chose one
-            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
                 env.pop(k, None)
             env.update(USER_OPENMP)
         self.log = open(log, "w")
@@ -239,7 +239,7 @@ class Worker:
 
 def openmp_of(environ) -> str:
     """The OpenMP wait setting a process runs under, for the report."""
-    chosen = [f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ]
+    chosen = [f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in environ]
     return ",".join(chosen) or "libgomp default"
 
 

@@ -65,7 +65,7 @@ def main() -> None:
         for _ in range(args.warmup):
             learners[name].update(data.sample(256, batches[name]))
     first = next(iter(learners))
-    openmp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    openmp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ}
     print(f"{args.dataset}: {len(data):,} transitions; {args.threads} thread(s); OpenMP {openmp}; warm-up "
           f"{args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
 

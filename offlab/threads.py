@@ -65,13 +65,17 @@ class SplitWork:
 # and OMP_WAIT_POLICY=PASSIVE is 0). Long spins let torch's idle pool threads take the core of a helper
 # thread (a PRDC search, a report's BC models); no spin makes every parallel op of a training step wake its
 # threads from sleep, which halved TD3+BC's speed on two threads (benchmarks/d3rlpy_speed.md, session 19).
+# LLVM's OpenMP (torch's on macOS) ignores it; its block time, in ms, defaults to 200: 1 is its shortest.
 SPIN_COUNT = "10000"
+BLOCK_TIME_MS = "1"
 
 
 def openmp_defaults(environ=os.environ) -> None:
-    """Set the short spin unless the user chose a wait policy or spin count. Call before torch/faiss/sklearn load."""
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    """Set the short spin unless the user chose a wait policy or spin time. Call before torch/faiss/sklearn load."""
+    if "OMP_WAIT_POLICY" in environ:
+        return
+    environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)  # GNU OpenMP (Linux wheels of torch, faiss, scikit-learn)
+    environ.setdefault("KMP_BLOCKTIME", BLOCK_TIME_MS)  # LLVM/Intel OpenMP
 
 
 @contextlib.contextmanager

@@ -271,16 +271,17 @@ def test_built_hopper_datasets_have_the_papers_shape():
 def test_the_cli_sets_a_short_openmp_spin_unless_told_otherwise():
     """Spinning OpenMP pools (faiss, scikit-learn, torch) steal a helper thread's core (a report's BC models,
     PRDC's search), while pools that never spin slow every multi-threaded training step: the CLI sets a
-    ~100 us spin (GOMP_SPINCOUNT) before any OpenMP runtime loads, and a user's wait policy or spin count wins."""
-    code = ("import sys, offlab.cli, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), "
-            "any(m in sys.modules for m in ('torch', 'faiss', 'sklearn')))")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    ~100 us spin (GOMP_SPINCOUNT; KMP_BLOCKTIME 1 ms for LLVM's OpenMP) before any OpenMP runtime loads, and a
+    user's wait policy or spin setting wins."""
+    code = ("import sys, offlab.cli, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'), "
+            "os.environ.get('OMP_WAIT_POLICY'), any(m in sys.modules for m in ('torch', 'faiss', 'sklearn')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
 
     def cli_env(**extra):
         out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
                              check=True)
         return out.stdout.split()
 
-    assert cli_env() == ["10000", "None", "False"]
-    assert cli_env(OMP_WAIT_POLICY="PASSIVE") == ["None", "PASSIVE", "False"]
-    assert cli_env(GOMP_SPINCOUNT="0") == ["0", "None", "False"]
+    assert cli_env() == ["10000", "1", "None", "False"]  # GNU OpenMP's spins; LLVM OpenMP's block time in ms
+    assert cli_env(OMP_WAIT_POLICY="PASSIVE") == ["None", "None", "PASSIVE", "False"]
+    assert cli_env(GOMP_SPINCOUNT="0") == ["0", "1", "None", "False"]
