@@ -72,10 +72,13 @@ def test_fit_json_keeps_the_progress_bar_on_a_terminal_and_off_a_pipe():
     import sys
     import threading
 
+    # rich's own overrides of terminal detection stay out of it
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+
     def fit_json(stderr_on_a_terminal: bool) -> tuple[dict, str]:
         cmd = [sys.executable, "-m", "offlab.cli", "fit", "--dataset", TINY, "--algo", "bc", *FAST, "--json"]
         if not stderr_on_a_terminal:
-            done = run_cli(*cmd[3:])
+            done = run_cli(*cmd[3:], env=env)
             assert done.returncode == 0, done.stderr
             return json.loads(done.stdout), done.stderr
         main_fd, term_fd = pty.openpty()
@@ -93,7 +96,7 @@ def test_fit_json_keeps_the_progress_bar_on_a_terminal_and_off_a_pipe():
 
         reader = threading.Thread(target=drain)
         reader.start()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=term_fd, env=dict(os.environ, TERM="xterm"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=term_fd, env=dict(env, TERM="xterm"))
         os.close(term_fd)
         out, _ = proc.communicate(timeout=600)
         reader.join(timeout=30)
