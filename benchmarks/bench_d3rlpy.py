@@ -53,8 +53,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 # offlab's side runs under the OpenMP spin `offlab fit` sets; d3rlpy's under libgomp's default, as its users
 # run it, unless the shell set a policy or spin count (then both get it) or --same-openmp is given
-USER_OPENMP = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ}
-from offlab.threads import openmp_defaults  # noqa: E402
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults  # noqa: E402
+
+USER_OPENMP = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
 
 openmp_defaults()
 
@@ -202,7 +203,7 @@ class Worker:
                "BENCH_THREADS": str(threads), "PYTHONPATH": ""}
         env.pop("OFFLAB_HOME", None)
         if not same_openmp:  # d3rlpy's own OpenMP setting (libgomp's default) unless the user chose one
-            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+            for k in OPENMP_WAIT_VARS:
                 env.pop(k, None)
             env.update(USER_OPENMP)
         self.log = open(log, "w")
@@ -239,7 +240,7 @@ class Worker:
 
 def openmp_of(environ) -> str:
     """The OpenMP wait setting a process runs under, for the report."""
-    chosen = [f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in environ]
+    chosen = [f"{k}={environ[k]}" for k in OPENMP_WAIT_VARS if k in environ]
     return ",".join(chosen) or "libgomp default"
 
 
@@ -271,6 +272,7 @@ def main() -> None:
                    help="run d3rlpy under offlab's OpenMP spin too (default: libgomp's own, as d3rlpy's users get)")
     args = p.parse_args()
     args.threads = args.threads or len(os.sched_getaffinity(0))
+    openmp = {"offlab": openmp_of(os.environ), "d3rlpy": openmp_of(os.environ if args.same_openmp else USER_OPENMP)}
 
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
@@ -371,8 +373,7 @@ def main() -> None:
         return med([x / y for x, y in zip(res[a][what], res[b][what], strict=True)])
 
     print(f"\nHopper-v5, {len(data)} transitions; {args.rounds} rounds x {args.steps} updates, warm-up {args.warmup};"
-          f" {args.threads} thread(s); OpenMP offlab {openmp_of(os.environ)}, d3rlpy "
-          f"{openmp_of(os.environ) if args.same_openmp else openmp_of(USER_OPENMP)};"
+          f" {args.threads} thread(s); OpenMP offlab {openmp['offlab']}, d3rlpy {openmp['d3rlpy']};"
           f" {platform.processor() or platform.machine()}; load avg "
           f"{load[0][0]:.1f} at start, {load[-1][0]:.1f} at end; rounds took {elapsed:.0f}s")
     head = ("| learner | offlab updates/s (wall) | d3rlpy updates/s (wall) | offlab CPU ms/update "
@@ -414,8 +415,6 @@ def main() -> None:
             print(f"offlab {k} / offlab td3bc: {r_cpu:.2f}x cpu, {r_wall:.2f}x wall "
                   f"({summary[f'offlab/{k}']['cpu_ms']:.2f} cpu ms/update){extra}")
     if args.json:
-        openmp = {"offlab": openmp_of(os.environ),
-                  "d3rlpy": openmp_of(os.environ) if args.same_openmp else openmp_of(USER_OPENMP)}
         Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "summary": summary, "openmp": openmp,
                                                "d3rlpy": info, "python": sys.version}, indent=1))
 

@@ -22,15 +22,15 @@ import os
 import statistics
 import time
 
-from offlab.threads import openmp_defaults
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults
 
 openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from offlab.algos import get_algo  # noqa: E402
 from offlab.algos.base import LearnerSpec  # noqa: E402
+from offlab.config import learner_config, parse_assignments  # noqa: E402
 from offlab.data import registry  # noqa: E402
 from offlab.data.store import Transitions  # noqa: E402
 
@@ -55,17 +55,14 @@ def main() -> None:
     learners, batches = {}, {}
     for name in args.algos.split(","):
         cls = get_algo(name)
-        settings = cls.defaults_for(args.dataset) | {"seed": args.seed}
-        for item in args.set:
-            key, value = item.split("=", 1)
-            if key.startswith(f"{name}."):
-                settings[key[len(name) + 1:]] = yaml.safe_load(value)
-        learners[name] = cls(cls.Config(**settings), spec, "cpu")
+        # this learner's `--set name.key=value`, typed and checked as `offlab fit --set` does
+        settings = parse_assignments([item[len(name) + 1:] for item in args.set if item.startswith(f"{name}.")])
+        learners[name] = cls(learner_config(cls, args.dataset, settings, seed=args.seed), spec, "cpu")
         batches[name] = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
         for _ in range(args.warmup):
             learners[name].update(data.sample(256, batches[name]))
     first = next(iter(learners))
-    openmp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ}
+    openmp = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
     print(f"{args.dataset}: {len(data):,} transitions; {args.threads} thread(s); OpenMP {openmp}; warm-up "
           f"{args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
 

@@ -68,6 +68,8 @@ class SplitWork:
 # LLVM's OpenMP (torch's on macOS) ignores it; its block time, in ms, defaults to 200: 1 is its shortest.
 SPIN_COUNT = "10000"
 BLOCK_TIME_MS = "1"
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+"""The environment variables that set how idle OpenMP threads wait (the ones `openmp_defaults` reads and sets)."""
 
 
 def openmp_defaults(environ=os.environ) -> None:
