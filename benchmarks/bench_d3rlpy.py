@@ -20,7 +20,8 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   match; d3rlpy's PRDC index n_jobs=1). offlab runs under the OpenMP spin that `offlab fit` sets
   (`offlab.threads.openmp_defaults`), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
-  as the training loop samples; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
+  as the training loop samples, each batch announced one update ahead as `offlab fit` does, which lets
+  PRDC begin its next neighbour search early; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
   d3rlpy's `update` converts to tensors, so that conversion counts as update time). Sampling a batch
   is timed on its own (`sample` row): a training-loop step costs sample + update. The TD3+BC loop
   row times offlab's sample-then-update loop against d3rlpy's own `fit()` loop (logging off, no
@@ -282,6 +283,7 @@ def main() -> None:
     from offlab.algos import get_algo
     from offlab.algos.base import LearnerSpec
     from offlab.data.store import Transitions
+    from offlab.training import AnnouncedBatches, update_on
 
     algos = args.algos.split(",")
     protos = [v for v in args.prototypes.split(",") if v]
@@ -329,10 +331,12 @@ def main() -> None:
             return timed(lambda: [data.sample(256, gen) for _ in range(args.steps)], args.steps)
         if name.startswith("loop:"):  # the training loop's step: sample a batch, update
             learner = learners[name[5:]]
-            return timed(lambda: [learner.update(data.sample(256, gen)) for _ in range(args.steps)], args.steps)
+            feed = AnnouncedBatches(learner, lambda: data.sample(256, gen))  # as Trainer: one batch ahead
+            return timed(lambda: [learner.update(feed.take(i + 1 < args.steps)) for i in range(args.steps)],
+                         args.steps)
         learner = learners[name]
-        with mixed_precision("cpu", precision_of(name)):
-            return timed(lambda: [learner.update(b) for b in batches], args.steps)
+        with mixed_precision("cpu", precision_of(name)):  # each batch announced one update ahead, as in fit
+            return timed(lambda: update_on(learner, batches), args.steps)
 
     def d3rlpy_round(name: str) -> tuple[float, float]:
         what = "sample" if name == "sample" else "fit" if name.startswith("loop:") else "update"

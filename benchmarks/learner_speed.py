@@ -30,6 +30,7 @@ from offlab.algos.base import LearnerSpec
 from offlab.data import store
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
+from offlab.training import update_on
 
 
 def random_dataset(n: int, obs_dim: int, act_dim: int, seed: int = 0):
@@ -115,8 +116,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, learner in learners.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            for b in batches:
-                learner.update(b)
+            update_on(learner, batches)  # each batch announced one update ahead, as in fit
             per_update[name].append((time.perf_counter() - t0) / args.steps * 1e3)
             cpu_per_update[name].append((time.process_time() - c0) / args.steps * 1e3)
         print(f"round {r}: " + ", ".join(

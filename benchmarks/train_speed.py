@@ -3,6 +3,9 @@
     # PRDC against TD3+BC from initialisation on 1M walker2d transitions, blocks of 500 updates
     python benchmarks/train_speed.py --dataset walker2d-medium --algos td3bc,prdc --threads 1 --blocks 12
     python benchmarks/train_speed.py --dataset walker2d-medium --set prdc.nn_search=ivf     # faiss's inverted file
+    # one learner twice: PRDC with and without its state neighbours
+    python benchmarks/train_speed.py --dataset hopper-medium --algos td3bc,prdc,prdc@tree \
+        --set prdc@tree.state_neighbours=0
     # one learner under an OpenMP setting (it must be in the environment before torch loads)
     GOMP_SPINCOUNT=10000 python benchmarks/train_speed.py --dataset bench-hopper-medium-100000 --algos td3bc \\
         --threads 2 --warmup 500 --block 300 --blocks 5
@@ -33,6 +36,7 @@ from offlab.algos.base import LearnerSpec  # noqa: E402
 from offlab.config import learner_config, parse_assignments  # noqa: E402
 from offlab.data import registry  # noqa: E402
 from offlab.data.store import Transitions  # noqa: E402
+from offlab.training import AnnouncedBatches  # noqa: E402
 
 
 def main() -> None:
@@ -54,13 +58,15 @@ def main() -> None:
     spec = LearnerSpec.from_transitions(data, ds.card.env_id, args.dataset)
     learners, batches = {}, {}
     for name in args.algos.split(","):
-        cls = get_algo(name)
+        cls = get_algo(name.split("@")[0])  # prdc@label: PRDC again, with its own --set prdc@label.key=value
         # this learner's `--set name.key=value`, typed and checked as `offlab fit --set` does
         settings = parse_assignments([item[len(name) + 1:] for item in args.set if item.startswith(f"{name}.")])
         learners[name] = cls(learner_config(cls, args.dataset, settings, seed=args.seed), spec, "cpu")
-        batches[name] = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
+        gen = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
+        # each batch announced one update ahead (learner.lookahead), as `offlab fit` does
+        batches[name] = AnnouncedBatches(learners[name], lambda gen=gen: data.sample(256, gen))
         for _ in range(args.warmup):
-            learners[name].update(data.sample(256, batches[name]))
+            learners[name].update(batches[name].take())
     first = next(iter(learners))
     openmp = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
     print(f"{args.dataset}: {len(data):,} transitions; {args.threads} thread(s); OpenMP {openmp}; warm-up "
@@ -72,7 +78,7 @@ def main() -> None:
         for name, learner in learners.items():
             t, c = time.perf_counter(), time.process_time()
             for _ in range(args.block):
-                learner.update(data.sample(256, batches[name]))
+                learner.update(batches[name].take())
             row[name] = {"wall_ms": (time.perf_counter() - t) / args.block * 1e3,
                          "cpu_ms": (time.process_time() - c) / args.block * 1e3}
         for name in learners:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,3 +103,45 @@ def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_arrays(folder: str, key: list, make: Callable[[], tuple]) -> tuple[tuple, bool]:
+    """`make()`'s tuple of arrays and numbers, kept on disk at OFFLAB_HOME/<folder>/<digest of key>.npz and
+    read back bit for bit by later calls with the same key; returns (value, whether it was read from disk).
+
+    `key` (JSON-serialisable) must name everything the value depends on, a digest of the input data included.
+    A damaged file is computed again and replaced; a cache that cannot be written (read-only or full
+    OFFLAB_HOME) is skipped, never an error.
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+
+    name = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
+    path = home() / folder / f"{name}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return tuple(f[f"v{i}"] if f[f"v{i}"].ndim else f[f"v{i}"].item() for i in range(len(f.files))), True
+        except (OSError, ValueError, KeyError):
+            pass
+    value = make()
+    try:
+        with atomic_write(path) as f:
+            np.savez(f, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
+    except OSError:
+        pass
+    return value, False
+
+
+def digest(*arrays: Any) -> str:
+    """A short hex digest of the arrays' bytes (contiguous copies where needed)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

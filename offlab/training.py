@@ -6,6 +6,7 @@ The loop owns the clock and everything around a learner's update; the learner ow
 
     for step in 1 .. steps:                      offline phase
         batch = data.sample(batch_size, sampler)         (rows in learner.training_rows when it sets them)
+        learner.lookahead(the next step's batch)         (drawn now, for learners that define it)
         metrics = learner.update(batch)
     for step in steps+1 .. steps+online_steps:   online phase (one env step, one update)
         a = learner.act(obs, deterministic=False) (+ Gaussian exploration noise for deterministic policies)
@@ -19,6 +20,8 @@ The loop owns the clock and everything around a learner's update; the learner ow
 What learners may declare (all optional):
 - `stochastic_policy` (bool): `act(deterministic=False)` already explores, so the loop adds no noise.
 - `training_rows` (LongTensor of dataset rows): the offline rows to sample from (%BC's top episodes).
+- `lookahead(batch)`: told the next offline update's batch before the current update, to start work on it
+  early (PRDC's neighbour search); the numbers must not depend on it (`AnnouncedBatches`).
 - `online_step(env, context) -> dict | None`: the learner drives the online phase itself; `context`
   is an `OnlineContext` (offline data, replay buffer, mixed-batch sampler, step, second env).
 - `needs_second_env = True`: the context carries a second simulator (`RunConfig.second_env`).
@@ -214,9 +217,14 @@ class ReplayBuffer:
 
 
 def concat_batches(a: Batch, b: Batch) -> Batch:
+    """a's transitions, then b's; dataset rows where either knows them (-1 for the other's)."""
+    rows = None
+    if a.rows is not None or b.rows is not None:
+        rows = torch.cat([x.rows if x.rows is not None else torch.full((len(x.obs),), -1, device=x.obs.device)
+                          for x in (a, b)])
     return Batch(*(torch.cat([x, y]) for x, y in zip(
         (a.obs, a.action, a.reward, a.next_obs, a.terminated),
-        (b.obs, b.action, b.reward, b.next_obs, b.terminated), strict=True)))
+        (b.obs, b.action, b.reward, b.next_obs, b.terminated), strict=True)), rows=rows)
 
 
 @dataclass
@@ -345,6 +353,47 @@ class FitResult:
         return dataclasses.asdict(self)
 
 
+class AnnouncedBatches:
+    """A learner's batches, each announced one update before it arrives (`learner.lookahead(batch)`) when the
+    learner takes announcements, so it can begin work on the next batch during the current update (PRDC's
+    neighbour search). A learner's numbers never depend on whether it was told.
+
+    `draw()` makes the next batch; `generator` (the one draw consumes, if any) is reported by
+    `generator_state()` as it was before the announced batch was drawn: what a checkpoint stores, so that a
+    resumed run draws that batch again.
+    """
+
+    def __init__(self, learner, draw, generator: torch.Generator | None = None):
+        self.learner, self.draw, self.generator = learner, draw, generator
+        self.announces = callable(getattr(learner, "lookahead", None))
+        self.upcoming: Batch | None = None
+        self.state_before_upcoming = None
+
+    def take(self, announce_next: bool = True) -> Batch:
+        """The batch of this update; the following one is drawn and announced when `announce_next`."""
+        batch = self.draw() if self.upcoming is None else self.upcoming
+        self.upcoming = None
+        if self.announces and announce_next:
+            if self.generator is not None:
+                self.state_before_upcoming = self.generator.get_state()
+            self.upcoming = self.draw()
+            self.learner.lookahead(self.upcoming)
+        return batch
+
+    def generator_state(self) -> torch.Tensor:
+        return self.generator.get_state() if self.upcoming is None else self.state_before_upcoming
+
+    def forget(self) -> None:
+        """Drop the announced batch (the generator was set back to before it)."""
+        self.upcoming = None
+
+
+def update_on(learner, batches: list[Batch]) -> list[dict[str, float]]:
+    """`learner.update` on each batch in turn, each announced one update ahead as the training loop does."""
+    feed = AnnouncedBatches(learner, iter(batches).__next__)
+    return [learner.update(feed.take(announce_next=i + 1 < len(batches))) for i in range(len(batches))]
+
+
 class Trainer:
     """One run's state: data, learner, generators, the online phase, evaluation and metric accumulators."""
 
@@ -376,6 +425,7 @@ class Trainer:
         self.sampler = stream_generator(run.seed, BATCHES)
         rows = getattr(self.learner, "training_rows", None)
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        self.offline_batches = AnnouncedBatches(self.learner, lambda: self.sample_offline(run.batch_size), self.sampler)
         self.evaluator = Evaluator(self.env_id, run.eval_episodes, run.seed, self.env_kwargs, *self.ref)
         self.step = 0
         self.acc: dict[str, list[float]] = {}
@@ -403,7 +453,7 @@ class Trainer:
             "dataset_hash": self.dataset.card.content_hash,
             "step": self.step,
             "learner": self.learner.state_dict(),
-            "sampler": self.sampler.get_state(),
+            "sampler": self.offline_batches.generator_state(),  # before the announced batch, if any
             "rng": global_rng_state(),
             "train_acc": {k: [float(v[0]), int(v[1])] for k, v in self.acc.items()},
             "last_eval": dict(self.last_eval),
@@ -414,6 +464,7 @@ class Trainer:
         self.step = int(state["step"])
         self.learner.load_state_dict(state["learner"])
         self.sampler.set_state(state["sampler"])
+        self.offline_batches.forget()
         set_global_rng_state(state["rng"])
         self.acc = {k: [float(v[0]), int(v[1])] for k, v in state["train_acc"].items()}
         self.last_eval = dict(state["last_eval"])
@@ -448,7 +499,7 @@ class Trainer:
         """One step of the offline or online phase; returns the learner's train/* metrics (online/* are logged here)."""
         r = self.run
         if self.step < r.steps:
-            return self.learner.update(self.sample_offline(r.batch_size))
+            return self.learner.update(self.offline_batches.take(announce_next=self.step + 1 < r.steps))
         if self.online is None:
             self.start_online()
         if hasattr(self.learner, "online_step"):

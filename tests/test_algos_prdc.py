@@ -14,6 +14,7 @@ from offlab.algos.prdc import PRDC, NearestDatasetAction, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
+from offlab.training import update_on
 
 SMALL = (64, 64)
 
@@ -110,6 +111,64 @@ def test_index_equals_brute_force_argmin_on_100_random_queries(hopper_random, se
         found = dist[np.arange(100), idx]
         np.testing.assert_allclose(found, dist.min(axis=1), rtol=1e-5, atol=1e-6)
         assert (idx == brute).mean() >= 0.95
+
+
+def test_state_neighbours_decide_only_what_they_certify():
+    """1-D states 0, 1, 2, 3 with actions 0, 0, 0, 5 (raw keys, beta 1), two listed states per row: row 0
+    lists states 0 and 1, so any other key is at least 1 away. Asked at row 0 with action 0.1, the listed
+    key (0, 0) at 0.1 is certified; with action 5 the best listed key is 5 away, nothing is certified, and
+    the tree finds (3, 5) at 3."""
+    learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 5.0]), beta=1.0, normalize_states=False,
+                   state_neighbours=2)
+    index = learner.nearest_dataset_action
+    assert index.neighbours.rows[0].tolist() == [0, 1] and index.neighbours.radius[0] == 1.0
+    query = np.array([[0.0, 0.1], [0.0, 5.0]], np.float32)
+    found, certain = index.neighbours.nearest(index.keys32, 1.0, query, np.array([0, 0]), index.slack)
+    assert found.tolist() == [0, 0] and certain.tolist() == [True, False]
+    s, a = torch.zeros(2, 1), torch.tensor([[0.1], [5.0]])
+    assert index.nearest_index(s, a, torch.tensor([0, 0])).tolist() == [0, 3]
+    assert index.nearest_index(s, a).tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.3, 1.0])
+def test_state_neighbours_give_the_trees_answer(hopper_random, noise):
+    """Queries at dataset rows (the learner's case), at rows whose state was moved a little, and with no
+    row: the answer with the state neighbours is the brute-force argmin, as without them."""
+    data = Transitions(hopper_random)
+    learner = make(data, beta=2.0, state_neighbours=16)
+    index = learner.nearest_dataset_action
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, len(data), (200,), generator=gen)
+    s = learner.normalizer(data.obs[rows])
+    a = (data.action[rows] + noise * torch.randn(200, data.action.shape[1], generator=gen)).clamp(-1, 1)
+    moved = s + 1e-3 * torch.randn(s.shape, generator=gen)
+    keys = np.concatenate([2.0 * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
+    for states in (s, moved):
+        query = np.concatenate([2.0 * states.numpy(), a.numpy()], 1).astype(np.float64)
+        brute = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1).argmin(axis=1)
+        told = rows.clone()
+        told[::7] = -1  # some queries come from elsewhere (online replay): the tree answers them
+        np.testing.assert_array_equal(index.nearest_index(states, a, told).numpy(), brute)
+        np.testing.assert_array_equal(index.nearest_index(states, a).numpy(), brute)
+    query = np.concatenate([2.0 * s.numpy(), a.numpy()], 1).astype(np.float32)
+    certified = index.neighbours.nearest(index.keys32, 2.0, query, rows.numpy(), index.slack)[1].mean()
+    assert certified > 0.9  # 16 listed states settle most queries on this data (100%, 98.5%, 95.5% here) ...
+    if noise == 1.0:
+        assert certified < 1.0  # ... but not every one asked at a row: the tree answers the rest
+
+
+def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
+    from offlab.algos.prdc import StateNeighbours
+
+    states = hopper_random.obs[:500]
+    first, again, other = StateNeighbours(states, 8), StateNeighbours(states, 8), StateNeighbours(states, 4)
+    assert not first.reused and again.reused and not other.reused
+    np.testing.assert_array_equal(first.rows, again.rows)
+    np.testing.assert_array_equal(first.radius, again.radius)
+    assert first.rows.shape == (500, 8) and other.rows.shape == (500, 4)
+    assert (first.rows[:, 0] == np.arange(500)).mean() > 0.99  # a state is its own nearest (but for duplicates)
+    dist = np.sqrt(((states[:, None].astype(np.float64) - states[None].astype(np.float64)) ** 2).sum(-1))
+    np.testing.assert_allclose(first.radius, np.sort(dist, axis=1)[:, 7], rtol=1e-9)
 
 
 def test_ivf_search_is_reproducible_and_finds_the_exact_neighbour_for_nearly_every_query(hopper_random):
@@ -229,22 +288,49 @@ def test_bad_settings_are_config_errors(hopper_random):
 
 @pytest.mark.parametrize("search", ["kdtree", "ivf"])
 def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random, search):
+    """Inline, beside the actor step's critic step, and begun one update early (the loop's lookahead): the
+    same neighbours, so the same networks bit for bit."""
     data = Transitions(hopper_random)
+    g = torch.Generator().manual_seed(5)
+    batches = [data.sample(64, g) for _ in range(12)]
     runs = []
-    for overlap in (True, False):
+    for overlap, lookahead in ((False, False), (True, False), (True, True)):
         learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap, nn_search=search),
                        LearnerSpec.from_transitions(data))
-        g = torch.Generator().manual_seed(5)
-        for _ in range(12):
-            learner.update(data.sample(64, g))
+        if lookahead:
+            update_on(learner, batches)
+            assert learner._early is None  # the last update announced nothing
+        else:
+            for b in batches:
+                learner.update(b)
         runs.append([p.detach().clone() for p in (*learner.actor.parameters(), *learner.critic.parameters())])
-    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
 
 
-def test_the_critic_step_leaves_a_core_to_the_overlapped_search(hopper_random, monkeypatch):
-    """With n torch threads the critic step that runs beside the helper thread's search uses n - 1 (the two
-    would otherwise contend for one core), the other critic steps and the actor step use n, and the count
-    is restored."""
+def test_a_search_begun_for_an_announced_batch_is_dropped_when_another_batch_comes(hopper_random):
+    data = Transitions(hopper_random)
+    g = torch.Generator().manual_seed(1)
+    batches = [data.sample(64, g) for _ in range(4)]
+    told, plain = make(data), make(data)
+    told.lookahead(batches[3])  # announced before a critic-only update: its actor-step search starts early
+    told.update(batches[0])
+    assert told._early is not None and told._early.batch is batches[3]
+    told.update(batches[1])  # ... but the actor step gets another batch: searched for itself, the other dropped
+    assert told._early is None
+    told.update(batches[2])
+    for b in batches[:3]:
+        plain.update(b)
+    for a, b in zip(told.actor.parameters(), plain.actor.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_the_critic_step_leaves_a_core_to_the_overlapped_search(hopper_random, monkeypatch, lookahead):
+    """With n > 1 torch threads a critic step that runs beside the helper thread's search uses n - 1 (the two
+    would otherwise contend for one core) and the count is restored. With lookahead the update before each
+    actor step begins that step's search beside its critic step; the actor step's update finishes the search
+    on every core, then steps the critic at full width. Without lookahead no critic step has a search beside it."""
     import offlab.algos.prdc as prdc_module
 
     data = Transitions(hopper_random)
@@ -255,11 +341,14 @@ def test_the_critic_step_leaves_a_core_to_the_overlapped_search(hopper_random, m
                         lambda *a, **k: seen.append(torch.get_num_threads()) or critic_loss(*a, **k))
     before = torch.get_num_threads()
     torch.set_num_threads(3)
+    g = torch.Generator().manual_seed(0)
+    batches = [data.sample(64, g) for _ in range(5)]
     try:
-        g = torch.Generator().manual_seed(0)
-        for _ in range(4):
-            learner.update(data.sample(64, g))
+        for i in range(4):
+            if lookahead:
+                learner.lookahead(batches[i + 1])
+            learner.update(batches[i])
             assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-    assert seen == [3, 2, 3, 2]  # the actor steps (every second update) search beside the critic step
+    assert seen == ([2, 3, 2, 3] if lookahead else [3, 3, 3, 3])

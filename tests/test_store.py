@@ -258,7 +258,7 @@ def test_batch_shapes_dtypes_and_values(transitions):
     g = torch.Generator().manual_seed(0)
     b = transitions.sample(64, g)
     assert isinstance(b, Batch)
-    assert [f for f in b.__dataclass_fields__] == ["obs", "action", "reward", "next_obs", "terminated"]
+    assert [f for f in b.__dataclass_fields__] == ["obs", "action", "reward", "next_obs", "terminated", "rows"]
     assert b.obs.shape == (64, 11) and b.next_obs.shape == (64, 11) and b.action.shape == (64, 3)
     assert b.reward.shape == (64,) and b.terminated.shape == (64,)
     assert all(t.dtype == torch.float32 for t in (b.obs, b.action, b.reward, b.next_obs, b.terminated))
@@ -268,6 +268,8 @@ def test_batch_shapes_dtypes_and_values(transitions):
     np.testing.assert_array_equal(b.next_obs.numpy(), ds.next_obs[idx])
     np.testing.assert_array_equal(b.action.numpy(), ds.action[idx])
     np.testing.assert_array_equal(b.reward.numpy(), ds.reward[idx])
+    np.testing.assert_array_equal(b.rows.numpy(), idx)  # the dataset rows (PRDC's state neighbours use them)
+    assert b.rows.dtype == torch.long and b.to("cpu").rows is not None
 
 
 def test_terminated_is_the_only_mask_truncated_steps_bootstrap(transitions):

@@ -105,6 +105,37 @@ def test_two_threads_give_the_same_numbers_twice(algo):
     assert got.tags["torch_threads"] == "2" and got.params["algo.hidden"] == "[256, 256]"
 
 
+def test_a_checkpoint_taken_while_the_next_batch_is_announced_resumes_exactly():
+    """The loop draws each offline batch one step early for a learner that takes announcements (PRDC starts
+    that batch's neighbour search during the update before). A checkpoint stores the sampler as it was before
+    that draw, so the resumed run draws the same batch again and ends with the numbers of an unbroken run."""
+    from offlab.data import registry
+
+    run = tiny_run(algo="prdc", steps=9, online_steps=0, eval_episodes=0)
+    dataset = registry.get(TINY)
+
+    def trainer_after(steps: int, state=None) -> training.Trainer:
+        trainer = training.Trainer(run, dataset, torch.device("cpu"), progress=False)
+        if state is not None:
+            trainer.load_state_dict(torch.load(state, weights_only=True))
+        for _ in range(steps):
+            trainer.train_step()
+            trainer.step += 1
+        return trainer
+
+    whole = trainer_after(9)
+    first = trainer_after(5)  # the 6th update is an actor step: its batch is drawn, its search under way
+    assert first.offline_batches.upcoming is not None and first.learner._early is not None
+    path = Path(os.environ["OFFLAB_HOME"]) / "mid.pt"
+    training.save_checkpoint(first.state_dict(), path)
+    resumed = trainer_after(4, path)
+    assert resumed.step == 9
+    assert_same_tensors(whole.learner.state_dict(), resumed.learner.state_dict())
+    assert_same_tensors(whole.sampler.get_state(), resumed.sampler.get_state())
+    for t in (whole, first, resumed):
+        t.close()
+
+
 def test_checkpoint_holds_tensors_and_plain_data_only():
     result = training.fit(tiny_run(steps=40, online_steps=20, eval_episodes=0), progress=False)
     state = torch.load(result.checkpoint, weights_only=True)  # no pickled objects
@@ -229,6 +260,13 @@ def test_online_batches_mix_replay_and_offline_data_at_the_ratio():
         batch = mixed_batch(offline, replay, 256, ratio, generator, torch.device("cpu"))
         assert batch.obs.shape == (256, 11)
         assert int((batch.obs[:, 0] == 1e6).sum()) == expected
+        # the offline part knows its dataset rows, the replay part is marked -1 (PRDC's state neighbours)
+        from_replay = batch.obs[:, 0] == 1e6
+        if expected == 256:
+            assert batch.rows is None  # all from the replay: no dataset rows
+            continue
+        assert torch.all(batch.rows[from_replay] == -1) and torch.all(batch.rows[~from_replay] >= 0)
+        np.testing.assert_array_equal(batch.obs[~from_replay].numpy(), data.obs[batch.rows[~from_replay]].numpy())
 
 
 def test_evaluation_is_seeded_and_normalised():

@@ -10,7 +10,9 @@ its update:
     sd = algo.state_dict(); algo.load_state_dict(sd)   # tensors and plain numbers only
 
 Hybrid learners also implement `online_step(env, ...)`; they declare what they need in class
-attributes (`needs_env`, `needs_second_env`), and the loop provides it.
+attributes (`needs_env`, `needs_second_env`), and the loop provides it. A learner may also take
+`lookahead(batch)`, the next offline update's batch told before the current update (PRDC starts
+its neighbour search early); its numbers must not depend on being told.
 """
 
 from __future__ import annotations

@@ -14,8 +14,17 @@ Differs from the reference code:
   principal axes (distances, hence neighbours, unchanged; the query costs less). It runs on a helper
   thread while the critic steps (`overlap_search`): the critic step leaves the actor unchanged, so
   the neighbours are the same, and with a free core the search costs no wall time up to the length
-  of a critic step. With several torch threads that critic step uses one fewer, leaving the search a
-  core; a search that outlasts it is finished on both (the queries come in chunks, `SplitWork`).
+  of a critic step. When the training loop announces the next batch (`lookahead`), the search for an
+  actor step begins in the critic-only update before it (the actor is the same until then), so with
+  one torch thread it runs beside two critic steps. With several, the critic step beside it uses one
+  fewer, leaving the search a core, and the actor step's update first finishes what is left of the
+  search on every core (the queries come in chunks, `SplitWork`), then runs its critic step at full
+  width: on two cores that beats running both critic steps a thread short.
+- Before the tree, each query asked at a dataset row tries that row's 32 nearest dataset states
+  (`StateNeighbours`, found once per dataset and kept on disk): when the nearest of their keys is
+  nearer than any key off the list can be, it is the exact neighbour and the tree is skipped. Once the
+  policy is near the data that answers most queries (same neighbours as the tree; `state_neighbours=0`
+  turns it off).
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
@@ -30,6 +39,7 @@ Differs from the reference code:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -39,6 +49,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from offlab import paths
 from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.errors import ConfigError
@@ -98,11 +109,13 @@ class PRDCConfig:
     """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
     """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
+    state_neighbours: int = 32
+    """kdtree: each dataset state's this many nearest states, found once, answer most queries without the tree (exact; 0: off)."""
 
     LIMITS: ClassVar[dict[str, str]] = {
         "gamma": "[0, 1]", "tau": "(0, 1]", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
         "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)",
-        "beta": "[0, inf)", "ivf_probe": "[1, inf)"
+        "beta": "[0, inf)", "ivf_probe": "[1, inf)", "state_neighbours": "[0, inf)"
     }
     """Valid interval of each numeric setting, checked when the config is built."""
 
@@ -127,9 +140,85 @@ class PendingSearch:
 
     def __init__(self, work: SplitWork, device: torch.device):
         self.work, self.device = work, device
+        self.found: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
+        """The neighbours' row indices; the calling thread takes the queries not yet begun."""
+        if self.found is None:
+            self.found = torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
+        return self.found
+
+
+@dataclass
+class EarlySearch:
+    """The next update's neighbour search, begun in this one: its batch, pi(s) (with its graph) and the search."""
+
+    batch: Any
+    pi: torch.Tensor
+    search: PendingSearch
+
+
+def _build_progress(rows: int):
+    """A progress bar on stderr for building the state neighbours of a large dataset; nothing for a small one."""
+    if rows < 200_000:
+        return contextlib.nullcontext(lambda n: None)
+    from offlab.progress import progress_bar
+
+    return progress_bar("PRDC: nearest states of each dataset row (once per dataset)", rows)
+
+
+class StateNeighbours:
+    """Each dataset row's `k` nearest dataset states (Euclidean, in the index's normalised states), found once
+    with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc, keyed by a digest of the states and k).
+
+    What they certify: a query q = [beta * s, a] asked at dataset row i, with e = |s - s_i| (0 when s is row
+    i's state). Every key j off row i's list has |s_i - s_j| >= r_i, the distance to its k-th state, so
+    |q - key_j| >= beta * |s - s_j| >= beta * (r_i - e). When the nearest listed key is nearer than that,
+    it is the nearest of all keys: the tree is not needed. Near the data, where PRDC's constraint keeps the
+    policy, the nearest key's state is among a few nearest states, and most queries are answered this way.
+    """
+
+    CACHE_VERSION = 1
+
+    def __init__(self, states: np.ndarray, k: int):
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        self.k = k = min(k, len(states))
+        self.obs_dim = states.shape[1]
+
+        def build():
+            x = states.astype(np.float64)
+            x -= x.mean(0)
+            if len(x) > 1:  # principal axes, as the key tree (see NearestDatasetAction): same distances
+                x = x @ np.linalg.eigh(np.atleast_2d(np.cov(x, rowvar=False)))[1]
+            tree = cKDTree(x, balanced_tree=False)
+            rows, radius = np.empty((len(x), max(k, 1)), np.int32), np.empty(len(x))
+            # all cores, in slices so that a long build (minutes on 1M walker2d states) shows its progress
+            step = 20_000
+            with _build_progress(len(x)) as advance:
+                for i in range(0, len(x), step):
+                    dist, idx = tree.query(x[i:i + step], k=max(k, 1), workers=-1)
+                    rows[i:i + step], radius[i:i + step] = idx.reshape(len(dist), -1), dist.reshape(len(dist), -1)[:, -1]
+                    advance(len(dist))
+            return rows, radius
+
+        (self.rows, self.radius), self.reused = paths.cached_arrays(
+            "prdc/state_neighbours", [self.CACHE_VERSION, paths.digest(states), list(states.shape), k], build)
+
+    def nearest(self, keys: np.ndarray, beta: float, query: np.ndarray, rows: np.ndarray, slack: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """For queries asked at dataset `rows`: each one's nearest listed key (row index) and whether it is
+        certified the nearest of all keys (see the class doc). keys: the index's float32 [beta * s_j, a_j];
+        query: [n, obs + act]; slack: an absolute allowance for the keys' float32 rounding."""
+        obs_dim = self.obs_dim
+        query = query.astype(np.float64)
+        cand = self.rows[rows]  # [n, k]
+        d2 = ((keys[cand].astype(np.float64) - query[:, None, :]) ** 2).sum(-1)
+        best = d2.argmin(1)
+        at = np.arange(len(rows))
+        # beta * e: the query's state against row i's, both as beta * s (0 when the query sits on the row's state)
+        offset = np.sqrt(((query[:, :obs_dim] - keys[rows, :obs_dim].astype(np.float64)) ** 2).sum(1))
+        floor = beta * self.radius[rows] - offset - slack
+        return cand[at, best].astype(np.int64), (floor > 0) & (d2[at, best] < floor**2)
 
 
 class NearestDatasetAction:
@@ -145,12 +234,18 @@ class NearestDatasetAction:
     """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
-                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8):
+                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0):
         self.beta = float(beta)
         self.search = search
         self.chunk_rows = chunk_rows
         self.actions = actions.to(device=device, dtype=torch.float32)
         keys = torch.cat([self.beta * norm_obs.float(), actions.float()], dim=1)
+        self.neighbours: StateNeighbours | None = None
+        if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
+            self.neighbours = StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
+            self.keys32 = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.float32)
+            # |q - key_j| as computed from float32 keys may differ from the exact one by the keys' rounding
+            self.slack = 4.0 * math.sqrt(keys.shape[1]) * float(np.abs(self.keys32).max()) * 2.0**-24
         if search == "kdtree":
             # The tree holds the keys in their principal axes: a rotation keeps every distance (so the
             # neighbour is the same, up to float64 rounding) while axis-aligned splits cut the correlated
@@ -193,19 +288,24 @@ class NearestDatasetAction:
         index.nprobe = min(probe, cells)
         return index
 
-    def _host_query(self, query: torch.Tensor) -> np.ndarray:
-        """The queries as the host index takes them: rotated float64 for the tree, float32 for faiss."""
-        q = query.cpu().numpy()
+    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Row index of each query's nearest key (float32 queries; `rows`: the dataset row each was asked at,
+        -1 for none), on one core: it may run beside the critic step."""
         if self.search == "kdtree":
-            return (q.astype(np.float64) - self.key_mean) @ self.rotation
-        return np.ascontiguousarray(q, dtype=np.float32)
-
-    def _host_index(self, query: np.ndarray) -> np.ndarray:
-        """Row index of each (prepared) query's nearest key, on one core: it may run beside the critic step."""
-        if self.search == "kdtree":
-            return np.asarray(self.tree.query(query, k=1, workers=1)[1], dtype=np.int64)
+            out = np.empty(len(query), dtype=np.int64)
+            todo = np.ones(len(query), dtype=bool)
+            if self.neighbours is not None and rows is not None:
+                at = np.flatnonzero((rows >= 0) & (rows < len(self.keys32)))
+                found, certain = self.neighbours.nearest(self.keys32, self.beta, query[at], rows[at], self.slack)
+                out[at[certain]] = found[certain]
+                todo[at[certain]] = False
+            if todo.any():  # the rest from the tree over all keys, in their principal axes
+                rotated = (query[todo].astype(np.float64) - self.key_mean) @ self.rotation
+                out[todo] = self.tree.query(rotated, k=1, workers=1)[1]
+            return out
         import faiss
 
+        query = np.ascontiguousarray(query, dtype=np.float32)
         with faiss_threads(1):
             _, idx = self.ivf.search(query, 1)
             idx = idx[:, 0]
@@ -232,23 +332,33 @@ class NearestDatasetAction:
                 best_idx = torch.where(better, i + start, best_idx)
         return best_idx
 
-    def nearest_index(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Row index of each query's nearest dataset key, as a long tensor on the actions' device."""
+    @staticmethod
+    def _host_rows(rows: torch.Tensor | None) -> np.ndarray | None:
+        return None if rows is None else rows.cpu().numpy().astype(np.int64)
+
+    def nearest_index(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Row index of each query's nearest dataset key, as a long tensor on the actions' device. `rows`, the
+        dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
         query = self._query(norm_obs, action)
         if self.on_host:
-            return torch.from_numpy(self._host_index(self._host_query(query))).to(self.actions.device)
+            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows))).to(self.actions.device)
         return self._exact_index(query)
 
-    def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor) -> PendingSearch:
+    def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                     ) -> PendingSearch:
         """Begin a host search on the helper thread and return at once; `.result()` gives `nearest_index`'s
         answer. The caller's thread takes the remaining queries when it asks (so both cores finish them)."""
-        query = self._host_query(self._query(norm_obs, action))
-        chunks = [query[i:i + self.SPLIT_ROWS] for i in range(0, len(query), self.SPLIT_ROWS)]
-        return PendingSearch(SplitWork("prdc-search", self._host_index, chunks), self.actions.device)
+        query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
+        chunks = [(query[i:i + self.SPLIT_ROWS], None if host_rows is None else host_rows[i:i + self.SPLIT_ROWS])
+                  for i in range(0, len(query), self.SPLIT_ROWS)]
+        return PendingSearch(SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks),
+                             self.actions.device)
 
-    def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """The nearest dataset action a_j for each query (a constant: no gradient)."""
-        return self.actions[self.nearest_index(norm_obs, action)]
+        return self.actions[self.nearest_index(norm_obs, action, rows)]
 
 
 @register
@@ -277,6 +387,8 @@ class PRDC:
         self.critic_opt = adam(self.critic.parameters(), config.critic_lr)
         self.generator = stream_generator(config.seed, NOISE, self.device)  # apart from the init's numbers
         self.updates = 0
+        self._upcoming = None  # the next update's batch, when the loop announced it (lookahead)
+        self._early: EarlySearch | None = None  # that batch's search, begun one update early
         # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
         # state, e.g. the MLflow pyfunc model) the learner can act but not update.
         self.nearest_dataset_action: NearestDatasetAction | None = None
@@ -287,7 +399,8 @@ class PRDC:
             with torch.no_grad():
                 norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
-                                                               self.device, ivf_probe=config.ivf_probe)
+                                                               self.device, ivf_probe=config.ivf_probe,
+                                                               state_neighbours=config.state_neighbours)
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -302,14 +415,36 @@ class PRDC:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
+        overlap = cfg.overlap_search and index.on_host
         pending = pi = None
-        if actor_step and cfg.overlap_search and index.on_host:
+        early, self._early = self._early, None
+        if early is not None:
+            if early.batch is batch:  # this batch's search began in the previous update (lookahead)
+                pi, pending = early.pi, early.search
+            else:  # the caller sent another batch than it announced: that search is wasted
+                early.search.result()
+        if actor_step and overlap and pending is None:
             # The critic step does not change the actor, so pi(s) (kept for the actor step) and its neighbour
             # are known now: search on another thread (scipy and faiss release the GIL) while torch runs the
             # critic step.
             pi = self.actor(s)
-            pending = index.start_search(s, pi)
-        with torch_threads_beside(pending):
+            pending = index.start_search(s, pi, batch.rows)
+        beside = pending  # the search running beside this update's critic step
+        if pending is not None and torch.get_num_threads() > 1:
+            # torch would run the critic step a thread short: finish the search first on every core (this
+            # thread takes chunks too), then the critic step at full width. One thread: the other core is free.
+            pending.result()
+            beside = None
+        upcoming, self._upcoming = self._upcoming, None
+        if upcoming is not None and overlap and not actor_step and (self.updates + 2) % cfg.policy_freq == 0:
+            # The next update steps the actor and this one leaves it alone: the actor of the next update's
+            # actor step is this one, so its search can start now, beside this critic step (and with one
+            # torch thread, the next one too).
+            s_next = self.normalizer(upcoming.obs)
+            pi_next = self.actor(s_next)
+            self._early = EarlySearch(upcoming, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
+            beside = self._early.search
+        with torch_threads_beside(beside):
             critic_loss = td3_critic_loss(
                 self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
                 batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
@@ -324,7 +459,7 @@ class PRDC:
                 pi = self.actor(s) if pi is None else pi
                 q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
-                nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi)
+                nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi, batch.rows)
                 # -lambda * mean Q + mean ||pi(s) - a_nn||^2, lambda = alpha / mean|Q| detached
                 actor_loss, constraint = q_normalised_bc_actor_loss(q, pi, nearest_action, cfg.alpha)
                 take_step(self.actor_opt, actor_loss)
@@ -333,6 +468,11 @@ class PRDC:
             metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": constraint.item(),
                         "train/q_mean": q.mean().item()}
         return metrics
+
+    def lookahead(self, batch) -> None:
+        """The batch the next `update` will get (the training loop announces it before the current update):
+        when the current update leaves the actor alone, the next one's neighbour search starts at once."""
+        self._upcoming = batch
 
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """The deterministic policy's action."""

@@ -537,31 +537,14 @@ def _ref_persisted(ref: Reference, key: tuple, make, enabled: bool = True):
     rows and `key` (which must name every setting the value depends on). The value read back is bit-identical."""
     if key in ref.cache or not enabled:
         return _ref_cached(ref, key, make)
-    import hashlib
-    import json
-
     from offlab import paths
 
     if "_digest" not in ref.cache:
-        ref.cache["_digest"] = hashlib.blake2b(np.ascontiguousarray(ref.x).tobytes(), digest_size=16).hexdigest()
-    key_text = json.dumps([REFERENCE_CACHE_VERSION, ref.cache["_digest"], list(ref.x.shape), *key])
-    name = hashlib.blake2b(key_text.encode(), digest_size=16).hexdigest()
-    path = paths.home() / "quality" / "reference" / f"{name}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as f:
-                value = tuple(f[f"v{i}"] if f[f"v{i}"].ndim else f[f"v{i}"].item() for i in range(len(f.files)))
-            ref.cache.setdefault("_reused", set()).add(key[0])
-            ref.cache[key] = value
-            return value
-        except (OSError, ValueError, KeyError):  # a damaged file: compute again and replace it
-            pass
-    value = make()
-    try:
-        with paths.atomic_write(path) as f:
-            np.savez(f, **{f"v{i}": np.asarray(v) for i, v in enumerate(value)})
-    except OSError:  # a cache that cannot be written (read-only or full OFFLAB_HOME) must not fail the report
-        pass
+        ref.cache["_digest"] = paths.digest(ref.x)
+    value, reused = paths.cached_arrays("quality/reference",
+                                        [REFERENCE_CACHE_VERSION, ref.cache["_digest"], list(ref.x.shape), *key], make)
+    if reused:
+        ref.cache.setdefault("_reused", set()).add(key[0])
     ref.cache[key] = value
     return value
 

@@ -272,12 +272,15 @@ class Batch:
     reward: torch.Tensor
     next_obs: torch.Tensor
     terminated: torch.Tensor
+    rows: torch.Tensor | None = None
+    """Each transition's dataset row (long), -1 for one from elsewhere (the online replay); None when unknown."""
 
     def __repr__(self) -> str:
-        return "Batch(" + ", ".join(f"{k}={list(v.shape)}" for k, v in self.__dict__.items()) + ")"
+        return "Batch(" + ", ".join(f"{k}={list(v.shape)}" for k, v in self.__dict__.items() if v is not None) + ")"
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.obs, self.action, self.reward, self.next_obs, self.terminated)))
+        return Batch(*(t.to(device) for t in (self.obs, self.action, self.reward, self.next_obs, self.terminated)),
+                     rows=None if self.rows is None else self.rows.to(device))
 
 
 class Transitions:
@@ -353,7 +356,7 @@ class Transitions:
 
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
         return Batch(*(t.index_select(0, idx) for t in (self.obs, self.action, self.reward, self.next_obs,
-                                                         self.terminated)))
+                                                         self.terminated)), rows=idx)
 
     def episode(self, i: int) -> dict[str, torch.Tensor]:
         """All rows of episode i as tensors keyed by column."""
