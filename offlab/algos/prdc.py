@@ -169,7 +169,8 @@ def _build_progress(rows: int):
 
 class StateNeighbours:
     """Each dataset row's `k` nearest dataset states (Euclidean, in the index's normalised states), found once
-    with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc, keyed by a digest of the states and k).
+    with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc/state_neighbours, keyed by a digest of the
+    states and k).
 
     What they certify: a query q = [beta * s, a] asked at dataset row i, with e = |s - s_i| (0 when s is row
     i's state). Every key j off row i's list has |s_i - s_j| >= r_i, the distance to its k-th state, so
