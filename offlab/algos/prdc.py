@@ -151,9 +151,11 @@ class PendingSearch:
 
 @dataclass
 class EarlySearch:
-    """The next update's neighbour search, begun in this one: its batch, pi(s) (with its graph) and the search."""
+    """The next update's neighbour search, begun in this one: its batch, normalised s, pi(s) (with its graph)
+    and the search."""
 
     batch: Any
+    s: torch.Tensor
     pi: torch.Tensor
     search: PendingSearch
 
@@ -183,7 +185,7 @@ class StateNeighbours:
 
     def __init__(self, states: np.ndarray, k: int):
         states = np.ascontiguousarray(states, dtype=np.float32)
-        self.k = k = min(k, len(states))
+        self.k = k = max(1, min(k, len(states)))
         self.obs_dim = states.shape[1]
 
         def build():
@@ -192,12 +194,12 @@ class StateNeighbours:
             if len(x) > 1:  # principal axes, as the key tree (see NearestDatasetAction): same distances
                 x = x @ np.linalg.eigh(np.atleast_2d(np.cov(x, rowvar=False)))[1]
             tree = cKDTree(x, balanced_tree=False)
-            rows, radius = np.empty((len(x), max(k, 1)), np.int32), np.empty(len(x))
+            rows, radius = np.empty((len(x), k), np.int32), np.empty(len(x))
             # all cores, in slices so that a long build (minutes on 1M walker2d states) shows its progress
             step = 20_000
             with _build_progress(len(x)) as advance:
                 for i in range(0, len(x), step):
-                    dist, idx = tree.query(x[i:i + step], k=max(k, 1), workers=-1)
+                    dist, idx = tree.query(x[i:i + step], k=k, workers=-1)
                     rows[i:i + step], radius[i:i + step] = idx.reshape(len(dist), -1), dist.reshape(len(dist), -1)[:, -1]
                     advance(len(dist))
             return rows, radius
@@ -414,16 +416,17 @@ class PRDC:
         index = self.nearest_dataset_action
         if index is None:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
-        s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
         overlap = cfg.overlap_search and index.on_host
-        pending = pi = None
+        pending = pi = s = None
         early, self._early = self._early, None
         if early is not None:
             if early.batch is batch:  # this batch's search began in the previous update (lookahead)
-                pi, pending = early.pi, early.search
+                s, pi, pending = early.s, early.pi, early.search
             else:  # the caller sent another batch than it announced: that search is wasted
                 early.search.result()
+        s = self.normalizer(batch.obs) if s is None else s
+        s2 = self.normalizer(batch.next_obs)
         if actor_step and overlap and pending is None:
             # The critic step does not change the actor, so pi(s) (kept for the actor step) and its neighbour
             # are known now: search on another thread (scipy and faiss release the GIL) while torch runs the
@@ -443,7 +446,7 @@ class PRDC:
             # torch thread, the next one too).
             s_next = self.normalizer(upcoming.obs)
             pi_next = self.actor(s_next)
-            self._early = EarlySearch(upcoming, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
+            self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
             beside = self._early.search
         with torch_threads_beside(beside):
             critic_loss = td3_critic_loss(
