@@ -81,24 +81,6 @@ def openmp_defaults(environ=os.environ) -> None:
 
 
 @contextlib.contextmanager
-def torch_threads_beside(pending):
-    """Within the block torch uses one thread fewer while `pending` (a helper thread's work) runs, so the two
-    share the cores instead of contending for one; the count is restored after. A no-op with one thread or
-    no pending work."""
-    import torch
-
-    n = torch.get_num_threads()
-    if pending is None or n < 2:
-        yield
-        return
-    torch.set_num_threads(n - 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
 def faiss_threads(n: int):
     """Within the block, faiss (on the calling thread) uses n OpenMP threads; the count is restored after.
 

@@ -130,13 +130,38 @@ def test_state_neighbours_decide_only_what_they_certify():
     assert index.nearest_index(s, a).tolist() == [0, 3]
 
 
+def test_the_whole_list_settles_what_its_first_states_leave_open():
+    """1-D states 0, 1, 2, 3 with actions 0, 0.5, 0, 5 (raw keys, beta 1). Row 0's list holds states 0, 1, 2
+    (any other key is at least 2 away); its first stage only state 0 (radius 0: it certifies nothing). Asked
+    at row 0: action 0.5 keeps (0, 0) at 0.5 and the whole list certifies it; action 1.6 finds (1, 0.5) at
+    1.49 in the second stage, certified; action 5 finds (1, 0.5) at 4.6, above 2, and the tree finds (3, 5)."""
+    from offlab.algos.prdc import StateNeighbours
+
+    learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.0, 5.0]), beta=1.0, normalize_states=False,
+                   state_neighbours=3)
+    index = learner.nearest_dataset_action
+    index.neighbours = StateNeighbours(np.array([[0.0], [1.0], [2.0], [3.0]], np.float32), 3, first=1)
+    assert index.neighbours.rows[0].tolist() == [0, 1, 2]
+    assert index.neighbours.radius_first[0] == 0.0 and index.neighbours.radius[0] == 2.0
+    query = np.array([[0.0, 0.5], [0.0, 1.6], [0.0, 5.0]], np.float32)
+    found, certain = index.neighbours.nearest(index.keys32, 1.0, query, np.array([0, 0, 0]), index.slack)
+    assert found.tolist() == [0, 1, 1] and certain.tolist() == [True, True, False]
+    s, a = torch.zeros(3, 1), torch.tensor([[0.5], [1.6], [5.0]])
+    assert index.nearest_index(s, a, torch.tensor([0, 0, 0])).tolist() == [0, 1, 3]
+
+
 @pytest.mark.parametrize("noise", [0.02, 0.3, 1.0])
-def test_state_neighbours_give_the_trees_answer(hopper_random, noise):
+@pytest.mark.parametrize("first", [4, 16])
+def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first):
     """Queries at dataset rows (the learner's case), at rows whose state was moved a little, and with no
-    row: the answer with the state neighbours is the brute-force argmin, as without them."""
+    row: the answer with the state neighbours is the brute-force argmin, as without them. first=4: most
+    queries go on to the second stage (the whole list of 16)."""
+    from offlab.algos.prdc import StateNeighbours
+
     data = Transitions(hopper_random)
     learner = make(data, beta=2.0, state_neighbours=16)
     index = learner.nearest_dataset_action
+    index.neighbours = StateNeighbours(learner.normalizer(data.obs).numpy(), 16, first=first)
     gen = torch.Generator().manual_seed(2)
     rows = torch.randint(0, len(data), (200,), generator=gen)
     s = learner.normalizer(data.obs[rows])
@@ -157,18 +182,46 @@ def test_state_neighbours_give_the_trees_answer(hopper_random, noise):
         assert certified < 1.0  # ... but not every one asked at a row: the tree answers the rest
 
 
+def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_the_helper(hopper_random, monkeypatch):
+    """With torch on several threads the search runs inline (nothing beside it), so the helper thread takes
+    half of the queries left to the tree; the neighbours are the one-thread search's."""
+    import offlab.algos.prdc as prdc_module
+
+    data = Transitions(hopper_random)
+    index = make(data, beta=2.0, state_neighbours=0).nearest_dataset_action  # every query goes to the tree
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(100, data.obs.shape[1], generator=gen)
+    a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
+    alone = index.nearest_index(s, a)
+    halves = []
+    split_work = prdc_module.SplitWork
+    monkeypatch.setattr(prdc_module, "SplitWork",
+                        lambda purpose, fn, chunks: halves.append([len(c) for c in chunks]) or split_work(purpose, fn, chunks))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shared = index.nearest_index(s, a)
+    finally:
+        torch.set_num_threads(before)
+    assert halves == [[50, 50]]
+    assert torch.equal(alone, shared)
+
+
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
     from offlab.algos.prdc import StateNeighbours
 
     states = hopper_random.obs[:500]
-    first, again, other = StateNeighbours(states, 8), StateNeighbours(states, 8), StateNeighbours(states, 4)
-    assert not first.reused and again.reused and not other.reused
+    first, again = StateNeighbours(states, 8, first=3), StateNeighbours(states, 8, first=3)
+    other, other_stage = StateNeighbours(states, 4, first=3), StateNeighbours(states, 8, first=2)
+    assert not first.reused and again.reused and not other.reused and not other_stage.reused
     np.testing.assert_array_equal(first.rows, again.rows)
     np.testing.assert_array_equal(first.radius, again.radius)
+    np.testing.assert_array_equal(first.radius_first, again.radius_first)
     assert first.rows.shape == (500, 8) and other.rows.shape == (500, 4)
     assert (first.rows[:, 0] == np.arange(500)).mean() > 0.99  # a state is its own nearest (but for duplicates)
     dist = np.sqrt(((states[:, None].astype(np.float64) - states[None].astype(np.float64)) ** 2).sum(-1))
     np.testing.assert_allclose(first.radius, np.sort(dist, axis=1)[:, 7], rtol=1e-9)
+    np.testing.assert_allclose(first.radius_first, np.sort(dist, axis=1)[:, 2], rtol=1e-9)
 
 
 def test_ivf_search_is_reproducible_and_finds_the_exact_neighbour_for_nearly_every_query(hopper_random):
@@ -325,30 +378,30 @@ def test_a_search_begun_for_an_announced_batch_is_dropped_when_another_batch_com
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("lookahead", [False, True])
-def test_the_critic_step_leaves_a_core_to_the_overlapped_search(hopper_random, monkeypatch, lookahead):
-    """With n > 1 torch threads a critic step that runs beside the helper thread's search uses n - 1 (the two
-    would otherwise contend for one core) and the count is restored. With lookahead the update before each
-    actor step begins that step's search beside its critic step; the actor step's update finishes the search
-    on every core, then steps the critic at full width. Without lookahead no critic step has a search beside it."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_search_overlaps_critic_steps_only_when_torch_has_one_thread(hopper_random, monkeypatch, threads):
+    """One torch thread: each actor step's search starts on the helper thread in the update before it (the
+    loop's lookahead), so it runs on the free core beside two critic steps. Several: the critic step keeps the
+    cores busy, so no search starts beside it; every step runs inline at the run's thread count."""
     import offlab.algos.prdc as prdc_module
 
     data = Transitions(hopper_random)
     learner = PRDC(PRDCConfig(hidden=SMALL), LearnerSpec.from_transitions(data))
-    seen = []
-    critic_loss = prdc_module.td3_critic_loss
+    index = learner.nearest_dataset_action
+    seen, started = [], []
+    critic_loss, start_search = prdc_module.td3_critic_loss, index.start_search
     monkeypatch.setattr(prdc_module, "td3_critic_loss",
                         lambda *a, **k: seen.append(torch.get_num_threads()) or critic_loss(*a, **k))
+    monkeypatch.setattr(index, "start_search", lambda *a: started.append(learner.updates) or start_search(*a))
     before = torch.get_num_threads()
-    torch.set_num_threads(3)
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     batches = [data.sample(64, g) for _ in range(5)]
     try:
         for i in range(4):
-            if lookahead:
-                learner.lookahead(batches[i + 1])
+            learner.lookahead(batches[i + 1])
             learner.update(batches[i])
-            assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-    assert seen == ([2, 3, 2, 3] if lookahead else [3, 3, 3, 3])
+    assert seen == [threads] * 4
+    assert started == ([0, 2] if threads == 1 else [])  # the searches of updates 1 and 3 (the actor steps)

@@ -12,19 +12,18 @@ Differs from the reference code:
 - The KD-tree query uses one thread (`workers=1`; the official code uses all cores, which only
   adds contention beside the networks' own threads), and the tree holds the keys rotated to their
   principal axes (distances, hence neighbours, unchanged; the query costs less). It runs on a helper
-  thread while the critic steps (`overlap_search`): the critic step leaves the actor unchanged, so
-  the neighbours are the same, and with a free core the search costs no wall time up to the length
-  of a critic step. When the training loop announces the next batch (`lookahead`), the search for an
-  actor step begins in the critic-only update before it (the actor is the same until then), so with
-  one torch thread it runs beside two critic steps. With several, the critic step beside it uses one
-  fewer, leaving the search a core, and the actor step's update first finishes what is left of the
-  search on every core (the queries come in chunks, `SplitWork`), then runs its critic step at full
-  width: on two cores that beats running both critic steps a thread short.
-- Before the tree, each query asked at a dataset row tries that row's 32 nearest dataset states
-  (`StateNeighbours`, found once per dataset and kept on disk): when the nearest of their keys is
-  nearer than any key off the list can be, it is the exact neighbour and the tree is skipped. Once the
-  policy is near the data that answers most queries (same neighbours as the tree; `state_neighbours=0`
-  turns it off).
+  thread while the critic steps (`overlap_search`) when torch runs on one thread: the critic step
+  leaves the actor unchanged, so the neighbours are the same, and on the free core the search costs
+  no wall time up to the length of a critic step. When the training loop announces the next batch
+  (`lookahead`), the search for an actor step begins in the critic-only update before it (the actor
+  is the same until then), so it runs beside two critic steps; if it outlasts them, the main thread
+  takes the queries not yet begun (they come in chunks, `SplitWork`). With several torch threads
+  the critic step already keeps the cores busy, and the search runs inline after it.
+- Before the tree, each query asked at a dataset row tries that row's nearest dataset states
+  (`StateNeighbours`, 128 found once per dataset and kept on disk; the first 32 first): when the
+  nearest of their keys is nearer than any key off the list can be, it is the exact neighbour and the
+  tree is skipped. Once the policy is near the data that answers most queries (same neighbours as the
+  tree; `state_neighbours=0` turns it off).
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
@@ -68,7 +67,7 @@ from offlab.nets import (
     stream_generator,
     take_step,
 )
-from offlab.threads import SplitWork, faiss_threads, torch_threads_beside
+from offlab.threads import SplitWork, faiss_threads
 
 SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
@@ -108,9 +107,9 @@ class PRDCConfig:
     ivf_probe: int = 8
     """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
-    """Run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
-    state_neighbours: int = 32
-    """kdtree: each dataset state's this many nearest states, found once, answer most queries without the tree (exact; 0: off)."""
+    """With one torch thread, run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
+    state_neighbours: int = 128
+    """kdtree: each dataset state's this many nearest states (4 bytes each per row: 512 MB for 1M rows) answer most queries without the tree (exact; 0: off)."""
 
     LIMITS: ClassVar[dict[str, str]] = {
         "gamma": "[0, 1]", "tau": "(0, 1]", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
@@ -170,22 +169,29 @@ def _build_progress(rows: int):
 
 
 class StateNeighbours:
-    """Each dataset row's `k` nearest dataset states (Euclidean, in the index's normalised states), found once
-    with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc/state_neighbours, keyed by a digest of the
-    states and k).
+    """Each dataset row's `k` nearest dataset states (Euclidean, in the index's normalised states), nearest
+    first, found once with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc/state_neighbours, keyed
+    by a digest of the states and k).
 
     What they certify: a query q = [beta * s, a] asked at dataset row i, with e = |s - s_i| (0 when s is row
-    i's state). Every key j off row i's list has |s_i - s_j| >= r_i, the distance to its k-th state, so
-    |q - key_j| >= beta * |s - s_j| >= beta * (r_i - e). When the nearest listed key is nearer than that,
-    it is the nearest of all keys: the tree is not needed. Near the data, where PRDC's constraint keeps the
-    policy, the nearest key's state is among a few nearest states, and most queries are answered this way.
+    i's state). Every key j off the first m states of row i's list has |s_i - s_j| >= r_i(m), the distance to
+    its m-th state, so |q - key_j| >= beta * |s - s_j| >= beta * (r_i(m) - e). When the nearest of those m
+    keys is nearer than that, it is the nearest of all keys: the tree is not needed. Near the data, where
+    PRDC's constraint keeps the policy, the nearest key's state is among a few nearest states.
+
+    Two stages: every query first looks at the `FIRST` nearest states (cheap, and enough for most queries once
+    the policy is near the data); only the queries those leave open look at the whole list, whose larger
+    radius settles most of the rest. The tree gets what is left.
     """
 
-    CACHE_VERSION = 1
+    CACHE_VERSION = 2
+    FIRST = 32
+    """States of the first stage (all of them when k is smaller)."""
 
-    def __init__(self, states: np.ndarray, k: int):
+    def __init__(self, states: np.ndarray, k: int, first: int = FIRST):
         states = np.ascontiguousarray(states, dtype=np.float32)
         self.k = k = max(1, min(k, len(states)))
+        self.first = first = max(1, min(k, first))
         self.obs_dim = states.shape[1]
 
         def build():
@@ -194,34 +200,55 @@ class StateNeighbours:
             if len(x) > 1:  # principal axes, as the key tree (see NearestDatasetAction): same distances
                 x = x @ np.linalg.eigh(np.atleast_2d(np.cov(x, rowvar=False)))[1]
             tree = cKDTree(x, balanced_tree=False)
-            rows, radius = np.empty((len(x), k), np.int32), np.empty(len(x))
+            rows, radius = np.empty((len(x), k), np.int32), np.empty((len(x), 2))
             # all cores, in slices so that a long build (minutes on 1M walker2d states) shows its progress
             step = 20_000
             with _build_progress(len(x)) as advance:
                 for i in range(0, len(x), step):
                     dist, idx = tree.query(x[i:i + step], k=k, workers=-1)
-                    rows[i:i + step], radius[i:i + step] = idx.reshape(len(dist), -1), dist.reshape(len(dist), -1)[:, -1]
+                    dist = dist.reshape(len(dist), -1)
+                    rows[i:i + step], radius[i:i + step] = idx.reshape(len(dist), -1), dist[:, [first - 1, -1]]
                     advance(len(dist))
             return rows, radius
 
-        (self.rows, self.radius), self.reused = paths.cached_arrays(
-            "prdc/state_neighbours", [self.CACHE_VERSION, paths.digest(states), list(states.shape), k], build)
+        (self.rows, radius), self.reused = paths.cached_arrays(
+            "prdc/state_neighbours", [self.CACHE_VERSION, paths.digest(states), list(states.shape), k, first], build)
+        self.radius_first, self.radius = radius[:, 0], radius[:, 1]
+
+    @staticmethod
+    def _listed(keys: np.ndarray, query: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of each query's candidate rows `cand` [n, m]: the column of the nearest key and its squared distance
+        (float64, from the float32 keys)."""
+        n, m = cand.shape
+        diff = np.take(keys, cand.ravel(), axis=0).astype(np.float64).reshape(n, m, -1)
+        diff -= query[:, None, :]
+        d2 = np.einsum("ijk,ijk->ij", diff, diff)
+        best = d2.argmin(1)
+        return best, d2[np.arange(n), best]
 
     def nearest(self, keys: np.ndarray, beta: float, query: np.ndarray, rows: np.ndarray, slack: float
                 ) -> tuple[np.ndarray, np.ndarray]:
         """For queries asked at dataset `rows`: each one's nearest listed key (row index) and whether it is
         certified the nearest of all keys (see the class doc). keys: the index's float32 [beta * s_j, a_j];
         query: [n, obs + act]; slack: an absolute allowance for the keys' float32 rounding."""
-        obs_dim = self.obs_dim
         query = query.astype(np.float64)
-        cand = self.rows[rows]  # [n, k]
-        d2 = ((keys[cand].astype(np.float64) - query[:, None, :]) ** 2).sum(-1)
-        best = d2.argmin(1)
-        at = np.arange(len(rows))
-        # beta * e: the query's state against row i's, both as beta * s (0 when the query sits on the row's state)
-        offset = np.sqrt(((query[:, :obs_dim] - keys[rows, :obs_dim].astype(np.float64)) ** 2).sum(1))
-        floor = beta * self.radius[rows] - offset - slack
-        return cand[at, best].astype(np.int64), (floor > 0) & (d2[at, best] < floor**2)
+        own = keys[rows, :self.obs_dim].astype(np.float64) - query[:, :self.obs_dim]
+        offset = np.sqrt(np.einsum("ij,ij->i", own, own))  # beta * e: both states as beta * s
+        cand = self.rows[rows]
+        # stage 1: the first states of each list
+        col, d2 = self._listed(keys, query, cand[:, :self.first])
+        found = cand[np.arange(len(rows)), col].astype(np.int64)
+        floor = beta * self.radius_first[rows] - offset - slack
+        certain = (floor > 0) & (d2 < floor**2)
+        if self.k > self.first and not certain.all():  # stage 2: the rest of the lists, for the open queries
+            open_ = np.flatnonzero(~certain)
+            col2, d2_2 = self._listed(keys, query[open_], cand[open_, self.first:])
+            nearer = d2_2 < d2[open_]
+            found[open_[nearer]] = cand[open_[nearer], self.first + col2[nearer]]
+            d2_open = np.minimum(d2[open_], d2_2)
+            floor = beta * self.radius[rows[open_]] - offset[open_] - slack
+            certain[open_] = (floor > 0) & (d2_open < floor**2)
+        return found, certain
 
 
 class NearestDatasetAction:
@@ -235,6 +262,9 @@ class NearestDatasetAction:
 
     SPLIT_ROWS = 32
     """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
+    SHARE_TREE_ROWS = 16
+    """An inline search with torch on several threads shares the tree's queries with the helper thread from
+    this many on."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
                  device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0):
@@ -291,9 +321,11 @@ class NearestDatasetAction:
         index.nprobe = min(probe, cells)
         return index
 
-    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None, share_tree: bool = False
+                    ) -> np.ndarray:
         """Row index of each query's nearest key (float32 queries; `rows`: the dataset row each was asked at,
-        -1 for none), on one core: it may run beside the critic step."""
+        -1 for none), on one core: it may run beside the critic step. `share_tree`: when many queries are
+        left to the tree, the helper thread takes half of them (the caller has no torch work beside it)."""
         if self.search == "kdtree":
             out = np.empty(len(query), dtype=np.int64)
             todo = np.ones(len(query), dtype=bool)
@@ -304,7 +336,13 @@ class NearestDatasetAction:
                 todo[at[certain]] = False
             if todo.any():  # the rest from the tree over all keys, in their principal axes
                 rotated = (query[todo].astype(np.float64) - self.key_mean) @ self.rotation
-                out[todo] = self.tree.query(rotated, k=1, workers=1)[1]
+                if share_tree and len(rotated) >= self.SHARE_TREE_ROWS:
+                    half = len(rotated) // 2
+                    halves = SplitWork("prdc-search", lambda q: self.tree.query(q, k=1, workers=1)[1],
+                                       [rotated[:half], rotated[half:]])
+                    out[todo] = np.concatenate(halves.result())
+                else:
+                    out[todo] = self.tree.query(rotated, k=1, workers=1)[1]
             return out
         import faiss
 
@@ -345,7 +383,9 @@ class NearestDatasetAction:
         dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
         query = self._query(norm_obs, action)
         if self.on_host:
-            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows))).to(self.actions.device)
+            share = torch.get_num_threads() > 1  # torch waits for the answer: its other cores are free
+            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), share)
+                                    ).to(self.actions.device)
         return self._exact_index(query)
 
     def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
@@ -417,7 +457,12 @@ class PRDC:
         if index is None:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
-        overlap = cfg.overlap_search and index.on_host
+        # The host search overlaps critic steps only when torch runs on one thread: the search then has a core
+        # of its own. With more, torch's critic step keeps every core busy and a search beside it would take a
+        # thread from it or contend with it; inline after the critic step it cost less on two cores
+        # (1.19-1.24x TD3+BC against 1.42-1.47x, benchmarks/d3rlpy_speed.md, session 21), and the torch
+        # thread count of every step stays the run's.
+        overlap = cfg.overlap_search and index.on_host and torch.get_num_threads() == 1
         pending = pi = s = None
         early, self._early = self._early, None
         if early is not None:
@@ -429,32 +474,23 @@ class PRDC:
         s2 = self.normalizer(batch.next_obs)
         if actor_step and overlap and pending is None:
             # The critic step does not change the actor, so pi(s) (kept for the actor step) and its neighbour
-            # are known now: search on another thread (scipy and faiss release the GIL) while torch runs the
+            # are known now: search on the helper thread (scipy and faiss release the GIL) while torch runs the
             # critic step.
             pi = self.actor(s)
             pending = index.start_search(s, pi, batch.rows)
-        beside = pending  # the search running beside this update's critic step
-        if pending is not None and torch.get_num_threads() > 1:
-            # torch would run the critic step a thread short: finish the search first on every core (this
-            # thread takes chunks too), then the critic step at full width. One thread: the other core is free.
-            pending.result()
-            beside = None
         upcoming, self._upcoming = self._upcoming, None
         if upcoming is not None and overlap and not actor_step and (self.updates + 2) % cfg.policy_freq == 0:
             # The next update steps the actor and this one leaves it alone: the actor of the next update's
-            # actor step is this one, so its search can start now, beside this critic step (and with one
-            # torch thread, the next one too).
+            # actor step is this one, so its search can start now and run beside two critic steps.
             s_next = self.normalizer(upcoming.obs)
             pi_next = self.actor(s_next)
             self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
-            beside = self._early.search
-        with torch_threads_beside(beside):
-            critic_loss = td3_critic_loss(
-                self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
-                batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
-                noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
-            )
-            take_step(self.critic_opt, critic_loss)
+        critic_loss = td3_critic_loss(
+            self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
+            batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
+            noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
+        )
+        take_step(self.critic_opt, critic_loss)
         self.updates += 1
         metrics = {"train/critic_loss": critic_loss.item()}
 
