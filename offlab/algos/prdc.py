@@ -460,7 +460,7 @@ class PRDC:
         # The host search overlaps critic steps only when torch runs on one thread: the search then has a core
         # of its own. With more, torch's critic step keeps every core busy and a search beside it would take a
         # thread from it or contend with it; inline after the critic step it cost less on two cores
-        # (1.19-1.24x TD3+BC against 1.42-1.47x, benchmarks/d3rlpy_speed.md, session 21), and the torch
+        # (1.19-1.37x TD3+BC against 1.42-1.51x, benchmarks/d3rlpy_speed.md, session 21), and the torch
         # thread count of every step stays the run's.
         overlap = cfg.overlap_search and index.on_host and torch.get_num_threads() == 1
         pending = pi = s = None
