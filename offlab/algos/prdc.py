@@ -254,7 +254,8 @@ class StateNeighbours:
 class NearestDatasetAction:
     """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
 
-    Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host with one thread;
+    Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host, one thread per call
+    (an inline search with torch on several threads gives half of a long tree query to the helper thread);
     `exact` computes all distances on the keys' device in chunks (the choice for a GPU, where a host
     round trip costs more than the arithmetic). `ivf` is approximate: faiss's inverted file splits the
     keys into about sqrt(N) k-means cells and scans only the `ivf_probe` cells nearest each query.
