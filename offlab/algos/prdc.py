@@ -139,13 +139,10 @@ class PendingSearch:
 
     def __init__(self, work: SplitWork, device: torch.device):
         self.work, self.device = work, device
-        self.found: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
         """The neighbours' row indices; the calling thread takes the queries not yet begun."""
-        if self.found is None:
-            self.found = torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
-        return self.found
+        return torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
 
 
 @dataclass
@@ -157,6 +154,16 @@ class EarlySearch:
     s: torch.Tensor
     pi: torch.Tensor
     search: PendingSearch
+
+
+def _principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and rotation (the covariance's eigenvectors) that put the float64 points `x` in their principal
+    axes: a rotation keeps every distance (so the neighbours are the same, up to float64 rounding) while a KD-tree's
+    axis-aligned splits cut the correlated locomotion states better."""
+    mean = x.mean(axis=0)
+    if len(x) < 2:
+        return mean, np.eye(x.shape[1])
+    return mean, np.linalg.eigh(np.atleast_2d(np.cov(x - mean, rowvar=False)))[1]
 
 
 def _build_progress(rows: int):
@@ -196,9 +203,8 @@ class StateNeighbours:
 
         def build():
             x = states.astype(np.float64)
-            x -= x.mean(0)
-            if len(x) > 1:  # principal axes, as the key tree (see NearestDatasetAction): same distances
-                x = x @ np.linalg.eigh(np.atleast_2d(np.cov(x, rowvar=False)))[1]
+            mean, rotation = _principal_axes(x)  # as the key tree (see NearestDatasetAction)
+            x = (x - mean) @ rotation
             tree = cKDTree(x, balanced_tree=False)
             rows, radius = np.empty((len(x), k), np.int32), np.empty((len(x), 2))
             # all cores, in slices so that a long build (minutes on 1M walker2d states) shows its progress
@@ -274,25 +280,24 @@ class NearestDatasetAction:
         self.chunk_rows = chunk_rows
         self.actions = actions.to(device=device, dtype=torch.float32)
         keys = torch.cat([self.beta * norm_obs.float(), actions.float()], dim=1)
+        host_keys = None  # the host indexes' copy of the keys, brought over once
+        if search in ("kdtree", "ivf"):
+            host_keys = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.float32)
         self.neighbours: StateNeighbours | None = None
         if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
             self.neighbours = StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
-            self.keys32 = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.float32)
+            self.keys32 = host_keys
             # |q - key_j| as computed from float32 keys may differ from the exact one by the keys' rounding
             self.slack = 4.0 * math.sqrt(keys.shape[1]) * float(np.abs(self.keys32).max()) * 2.0**-24
         if search == "kdtree":
-            # The tree holds the keys in their principal axes: a rotation keeps every distance (so the
-            # neighbour is the same, up to float64 rounding) while axis-aligned splits cut the correlated
-            # locomotion states better. With sliding-midpoint splits (balanced_tree=False) queries cost
-            # ~25% less than with scipy's default tree (benchmarks/learner_speed.md).
-            keys64 = keys.cpu().numpy().astype(np.float64)
-            self.key_mean = keys64.mean(axis=0)
-            self.rotation = np.eye(keys64.shape[1])
-            if len(keys64) > 1:
-                _, self.rotation = np.linalg.eigh(np.cov(keys64 - self.key_mean, rowvar=False))
+            # The tree holds the keys in their principal axes (`_principal_axes`). With sliding-midpoint
+            # splits (balanced_tree=False) queries cost ~25% less than with scipy's default tree
+            # (benchmarks/learner_speed.md).
+            keys64 = host_keys.astype(np.float64)
+            self.key_mean, self.rotation = _principal_axes(keys64)
             self.tree = cKDTree((keys64 - self.key_mean) @ self.rotation, balanced_tree=False)
         elif search == "ivf":
-            self.ivf = self._build_ivf(keys.cpu().numpy().astype(np.float32), ivf_probe)
+            self.ivf = self._build_ivf(host_keys, ivf_probe)
         else:
             self.keys = keys.to(device)
             self.key_sq_norms = (self.keys**2).sum(dim=1)
