@@ -2,6 +2,7 @@
 
     python benchmarks/bench_learning.py run --dataset hopper-medium --algos td3bc,prdc,bc,iql --seeds 0,1 --steps 200000
     python benchmarks/bench_learning.py run --dataset halfcheetah-medium --algos prdc --seeds 0 --search ivf
+    python benchmarks/bench_learning.py run --dataset hopper-medium --algos prdc --seeds 0 --threads 2 --label s22
     python benchmarks/bench_learning.py snapshot          # curves of unfinished runs as *.partial.csv
     python benchmarks/bench_learning.py report            # benchmarks/learning.md table + benchmarks/learning.png
 
@@ -10,7 +11,8 @@ Every (dataset, algo, seed) is one ordinary `offlab fit` run (paper defaults for
 (default ~/.offlab-bench, outside the repo). A run that finished is skipped; one that was interrupted is resumed
 with `offlab fit --resume` semantics, bit-exact, so the script can be killed and restarted at any time.
 Each finished run's evaluation curve is copied to benchmarks/learning/<dataset>/<algo>-s<seed>.csv (small,
-committed), which is all `report` reads.
+committed), which is all `report` reads. Runs use one torch thread unless --threads says otherwise (their curves
+are saved as <algo>@t<n>); --label marks a rerun (<algo>@<label>) so that it does not replace the earlier curve.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def use_bench_stores() -> None:
     os.chdir(home)  # the local MLflow artifact folder lands here too
 
 
-def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32", search: str = "auto"):
+def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "float32", search: str = "auto",
+             threads: int = 1):
     from offlab import tracking
 
     client = tracking.Tracker().client  # opens a fresh store under its lock: seeds may start side by side
@@ -58,7 +61,8 @@ def find_run(dataset: str, algo: str, seed: int, steps: int, precision: str = "f
     runs = client.search_runs([exp.experiment_id], f"tags.algo = '{algo}' and tags.seed = '{seed}' "
                                                    f"and params.steps = '{steps}'", order_by=["start_time DESC"])
     # runs from before RunConfig.precision existed have no such param: they ran in float32
-    runs = [r for r in runs if r.data.params.get("precision", "float32") == precision]
+    runs = [r for r in runs if r.data.params.get("precision", "float32") == precision
+            and r.data.params.get("threads", "1") == str(threads)]
     if algo == "prdc":
         runs = [r for r in runs if r.data.params.get("algo.nn_search", "auto") == search]
     return runs[0] if runs else None
@@ -108,6 +112,9 @@ def snapshot(args) -> None:
 
 def run(args) -> None:
     use_bench_stores()
+    from offlab.threads import openmp_defaults
+
+    openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP (matters from two threads on)
     import torch
 
     from offlab import training
@@ -115,15 +122,16 @@ def run(args) -> None:
     from offlab.data import registry
     from offlab.errors import ConfigError
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     registry.get(args.dataset, progress=True)  # build it once, up front
     for seed in [int(s) for s in args.seeds.split(",")]:
         for algo in args.algos.split(","):
             search = args.search if algo == "prdc" else "auto"
             # the curve file's name: the learner, then what differs from its defaults
             label = algo + (f"@{args.precision}" if args.precision != "float32" else "") + (
-                f"@{search}" if search != "auto" else "")
-            done = find_run(args.dataset, algo, seed, args.steps, args.precision, search)
+                f"@{search}" if search != "auto" else "") + (f"@t{args.threads}" if args.threads != 1 else "") + (
+                f"@{args.label}" if args.label else "")
+            done = find_run(args.dataset, algo, seed, args.steps, args.precision, search, args.threads)
             t0 = time.time()
             if done is not None and done.info.status == "FINISHED":
                 print(f"{label}-s{seed}: finished earlier ({done.info.run_id})", flush=True)
@@ -137,7 +145,7 @@ def run(args) -> None:
                 except ConfigError as err:  # killed before its first checkpoint: start over (the newer run wins)
                     print(f"{label}-s{seed}: cannot resume ({err}); starting a new run", flush=True)
             if result is None:
-                sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", "threads=1",
+                sets = [f"eval_every={args.eval_every}", f"eval_episodes={args.eval_episodes}", f"threads={args.threads}",
                         "checkpoint_every=10000", f"precision={args.precision}"]
                 if search != "auto":
                     sets.append(f"nn_search={search}")
@@ -252,6 +260,8 @@ def main() -> None:
     r.add_argument("--precision", default="float32", help="float32, or bf16 (curves saved as <algo>@bf16-s<seed>)")
     r.add_argument("--search", default="auto", choices=("auto", "kdtree", "exact", "ivf"),
                    help="PRDC's nn_search (curves saved as prdc@<search>-s<seed> unless auto)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run (curves saved as <algo>@t<n> unless 1)")
+    r.add_argument("--label", default="", help="a rerun's mark, e.g. s22: curves saved as <algo>@s22-s<seed>")
     r.set_defaults(fn=run)
     sub.add_parser("snapshot").set_defaults(fn=snapshot)
     s = sub.add_parser("report")

@@ -74,7 +74,8 @@ class RunConfig:
     CPUs with AVX512-BF16/AMX; numbers differ from float32; benchmarks/d3rlpy_speed.md)."""
     threads: int = 0
     """torch CPU threads; 0: torch's default, one per core. Use 1 when several runs share the machine; the
-    count is tagged on the run (torch_threads), and float sums, hence the numbers, depend on it."""
+    count is tagged on the run (torch_threads), and float sums, hence the numbers, depend on it, so a resumed
+    run keeps the count it started with."""
     dataset_quality: bool = True
     """Log the dataset's quality metrics (quality/*, TQ and diagnostics) on the run; seconds on large datasets."""
     ope: str = ""

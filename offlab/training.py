@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import signal
 import threading
@@ -723,6 +724,7 @@ def _resume(tracker, mlrun, device: str | None, progress: bool, on_start) -> Fit
         raise ConfigError(f"run '{run_id}' already finished all {run.total_steps} steps; start a new run instead")
     if device:
         run.device = device
+    run.threads = resumed_threads(run.threads, tags.get("torch_threads"), run_id)
     ds = registry.get(run.dataset, progress=progress)
     if ds.card.content_hash != tags.get("dataset_hash", ds.card.content_hash):
         raise DataValidationError(
@@ -738,6 +740,23 @@ def _resume(tracker, mlrun, device: str | None, progress: bool, on_start) -> Fit
     if on_start is not None:
         on_start(run_id)
     return _train(trainer)
+
+
+def resumed_threads(threads: int, tagged: str | None, run_id: str, cores: int | None = None) -> int:
+    """The torch thread count a resumed run trains with. A run that left the count to the machine (threads 0)
+    keeps the count it started with (its `torch_threads` tag): float sums, hence its numbers, depend on it, and
+    another machine's cores would change it. Where this machine has fewer cores than that, it takes this
+    machine's default and says that the numbers will differ."""
+    if threads or not (tagged or "").isdigit():
+        return threads
+    if cores is None:  # the cores this process may run on (a container's share, not the host's count)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    used = int(tagged)
+    if used <= cores:
+        return used
+    _warn(f"run '{run_id}' trained on {used} torch threads and this machine has {cores} cores: it resumes on "
+          f"{torch.get_num_threads()}, so its numbers will differ from an uninterrupted run's")
+    return 0
 
 
 def _train(trainer: Trainer) -> FitResult:

@@ -227,6 +227,40 @@ def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupt
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
+def test_a_run_on_the_default_thread_count_resumes_on_the_count_it_started_with(monkeypatch):
+    """threads 0 means the machine's default, one per core. A run resumed on a machine with more cores keeps the
+    count it started with (tagged torch_threads), since its numbers depend on it; with fewer cores than that, it
+    takes this machine's and says so."""
+    from offlab import tracking
+
+    run, _ = resolve_run(None, {"dataset": TINY, "algo": "bc", "steps": 5, "eval_episodes": 0},
+                         ["hidden=8", "threads=0"])
+    started: list[str] = []
+
+    def killed(tracker, dataset):  # a SIGKILL after the run's tags and config were stored
+        started.append(tracker.run_id)
+        raise KeyboardInterrupt
+
+    real = tracking.log_dataset_quality
+    monkeypatch.setattr(tracking, "log_dataset_quality", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(run, progress=False)  # conftest runs tests on one torch thread
+    monkeypatch.setattr(tracking, "log_dataset_quality", real)
+    assert MlflowClient().get_run(started[0]).data.tags["torch_threads"] == "1"
+    seen: list[int] = []
+    torch.set_num_threads(2)  # this machine's default is now two
+    try:
+        training.resume(started[0], progress=False, on_start=lambda _: seen.append(torch.get_num_threads()))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1] and after == 2  # trained on the run's count; the caller's count restored
+    assert training.resumed_threads(0, "1", "r", cores=2) == 1
+    assert training.resumed_threads(3, "1", "r", cores=2) == 3  # an explicit count is the run's config
+    assert training.resumed_threads(0, None, "r", cores=2) == 0  # runs from before the tag existed
+    assert training.resumed_threads(0, "16", "r", cores=2) == 0  # too few cores: this machine's default
+
+
 def test_online_state_restores_the_env_mid_episode_exactly():
     ds = make_sim_dataset("Hopper-v5", steps=400, seed=3, name="x")
     spec = LearnerSpec.from_transitions(Transitions(ds))
