@@ -92,6 +92,7 @@ def save_curve(run_id: str, dataset: str, algo: str, seed: int, seconds: float |
     meta.write_text(json.dumps({"run_id": run_id, "dataset": dataset, "algo": algo, "seed": seed,
                                 "dataset_hash": info.data.tags.get("dataset_hash"),
                                 "git_commit": info.data.tags.get("git_commit"),
+                                "cpu": info.data.tags.get("cpu"), "cpu_capability": info.data.tags.get("cpu_capability"),
                                 "wall_seconds": seconds, "status": info.info.status,
                                 "params": dict(info.data.params)}, indent=1, sort_keys=True))
     return out

@@ -6,7 +6,8 @@ Conventions (DESIGN.md "Tracking"):
   beside the database file (`<db folder>/artifacts/<experiment>`).
 - One experiment per dataset (named after it); one run per `offlab fit`, named `<algo>-s<seed>`.
 - Tags: algo, dataset, dataset_hash, seed, offlab_version, git_commit (when offlab runs from a git
-  checkout), env_id, device, torch_threads (the updates' CPU threads). Params: the run config flattened
+  checkout), env_id, device, torch_threads (the updates' CPU threads), cpu and cpu_capability (the processor
+  and the instruction set torch's kernels use: speed and float rounding depend on both). Params: the run config flattened
   (`offlab.config.flatten`).
 - Metrics: `train/*` (averaged over log_every steps), `eval/return`, `eval/return_se`,
   `eval/normalized_score`, `online/*`, `quality/*` (dataset quality, when offlab.data.metrics has it).
@@ -46,7 +47,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqd
 
 REACH_TIMEOUT_S = 3.0
 OFFLAB_TAGS = ("algo", "dataset", "dataset_hash", "seed", "offlab_version", "git_commit", "env_id", "device",
-               "torch_threads")
+               "torch_threads", "cpu", "cpu_capability")
 
 
 # ------------------------------------------------------------------------------------ the store
@@ -145,6 +146,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_tags() -> dict[str, str]:
+    """The processor a run trains on and the instruction set of torch's CPU kernels (AVX2, AVX512, ...): wall
+    times compare only on the same processor, and the kernels' float rounding can differ between sets."""
+    import platform
+
+    import torch
+
+    name, fields = platform.processor() or platform.machine(), {}
+    with contextlib.suppress(OSError):  # Linux: the model name, family and model (a VM may say only "AMD EPYC")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):
+        name = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    return {"cpu": name or "unknown", "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+
+
 # ------------------------------------------------------------------------------------ runs
 
 
@@ -203,7 +221,7 @@ class Tracker:
         tags = {
             "algo": run.algo, "dataset": run.dataset, "dataset_hash": dataset.card.content_hash,
             "seed": str(run.seed), "offlab_version": __version__, "env_id": dataset.card.env_id, "device": device,
-            "torch_threads": str(torch.get_num_threads()),
+            "torch_threads": str(torch.get_num_threads()), **cpu_tags(),
         }
         commit = git_commit()
         if commit:

@@ -38,6 +38,7 @@ def test_a_run_reads_back_with_mlflow_client(hopper_random):
     assert tags["offlab_version"] == offlab.__version__ and tags["env_id"] == "Hopper-v5"
     assert len(tags.get("git_commit", "0" * 40)) == 40
     assert tags["torch_threads"] == "2"  # the count the updates ran with (numbers depend on it)
+    assert tags["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and tags["cpu"]  # wall times' context
     # every tag offlab documents is there (git_commit only where offlab runs from a git checkout)
     assert set(tracking.OFFLAB_TAGS) - {"git_commit"} <= set(tags)
 
