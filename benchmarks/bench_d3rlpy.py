@@ -54,7 +54,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 # offlab's side runs under the OpenMP spin `offlab fit` sets; d3rlpy's under libgomp's default, as its users
 # run it, unless the shell set a policy or spin count (then both get it) or --same-openmp is given
-from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults  # noqa: E402
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, usable_cores  # noqa: E402
 
 USER_OPENMP = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
 
@@ -272,7 +272,7 @@ def main() -> None:
     p.add_argument("--same-openmp", action="store_true",
                    help="run d3rlpy under offlab's OpenMP spin too (default: libgomp's own, as d3rlpy's users get)")
     args = p.parse_args()
-    args.threads = args.threads or len(os.sched_getaffinity(0))
+    args.threads = args.threads or usable_cores()
     openmp = {"offlab": openmp_of(os.environ), "d3rlpy": openmp_of(os.environ if args.same_openmp else USER_OPENMP)}
 
     home = Path(args.home)

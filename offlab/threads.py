@@ -80,6 +80,14 @@ def openmp_defaults(environ=os.environ) -> None:
     environ.setdefault("KMP_BLOCKTIME", BLOCK_TIME_MS)  # LLVM/Intel OpenMP
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a container's or taskset's share, not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def faiss_threads(n: int):
     """Within the block, faiss (on the calling thread) uses n OpenMP threads; the count is restored after.

@@ -156,8 +156,10 @@ def cpu_tags() -> dict[str, str]:
     name, fields = platform.processor() or platform.machine(), {}
     with contextlib.suppress(OSError):  # Linux: the model name, family and model (a VM may say only "AMD EPYC")
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
             key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
+            fields[key.strip()] = value.strip()
     if fields.get("model name"):
         name = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     return {"cpu": name or "unknown", "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}

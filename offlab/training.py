@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import signal
 import threading
@@ -61,6 +60,7 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import BATCHES, EXPLORATION, mixed_precision, stream_generator
+from offlab.threads import usable_cores
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -749,8 +749,7 @@ def resumed_threads(threads: int, tagged: str | None, run_id: str, cores: int | 
     machine's default and says that the numbers will differ."""
     if threads or not (tagged or "").isdigit():
         return threads
-    if cores is None:  # the cores this process may run on (a container's share, not the host's count)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cores or usable_cores()
     used = int(tagged)
     if used <= cores:
         return used

@@ -30,7 +30,6 @@ Differs from the reference code:
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from scipy.special import digamma, gammaln
 
 from offlab.data.schema import Dataset
 from offlab.errors import DataValidationError, EnvError
-from offlab.threads import faiss_threads, helper_thread
+from offlab.threads import faiss_threads, helper_thread, usable_cores
 
 # D4RL reference returns (REF_MIN_SCORE, REF_MAX_SCORE) as the authors' notebook uses them for TQ.
 D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
@@ -422,13 +421,6 @@ def fit_space(ref_x: np.ndarray, variance: float | None = 0.95, max_dims: int = 
 # ------------------------------------------------------------------------------- nearest neighbours
 
 
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class NeighbourIndex:
     """Exact Euclidean k-NN over a fixed point set: scipy's cKDTree for p <= 15, an exact flat (brute-force)
     faiss index above, where KD-trees lose their advantage (METRICS.md budget).
@@ -460,7 +452,7 @@ class NeighbourIndex:
     def _brute_query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # all cores for the search, then torch's own thread count back (a training run that logged its
         # dataset's quality goes on with the threads it asked for)
-        with faiss_threads(_workers()):
+        with faiss_threads(usable_cores()):
             c = min(k + self.SPARE, len(self.points))
             _, cand = self.index.search(np.ascontiguousarray(q, dtype=np.float32), c)
         d = np.sqrt(((self.points[cand].astype(np.float64) - q[:, None, :].astype(np.float64)) ** 2).sum(-1))
@@ -481,7 +473,7 @@ class NeighbourIndex:
                 d[far], i[far] = np.inf, len(self.points)
             return d, i
         bound = np.inf if upper_bound is None else float(upper_bound)
-        d, i = self.tree.query(q, k=k, workers=_workers(), distance_upper_bound=bound)
+        d, i = self.tree.query(q, k=k, workers=usable_cores(), distance_upper_bound=bound)
         return d.reshape(len(q), k), i.reshape(len(q), k)
 
     def kth_other(self, rows: np.ndarray, k: int) -> np.ndarray:
