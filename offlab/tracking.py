@@ -178,8 +178,15 @@ class Tracker:
                 self.client = quiet_client(self.uri)
                 with _quiet("mlflow"):
                     self.client.search_experiments(max_results=1)
-        except MlflowException as e:
-            raise TrackingError(f"MLflow store {self.uri} cannot be used: {_one_line(e)}") from None
+        except Exception as e:  # MLflow's errors, and sqlalchemy's from MlflowClient() itself
+            if "database is locked" in str(e):
+                raise TrackingError(
+                    f"MLflow store {self.uri} is locked by another process (sqlite: database is locked); retry when "
+                    f"it is free, or point MLFLOW_TRACKING_URI at a tracking server for many runs at once"
+                ) from None
+            if isinstance(e, MlflowException):
+                raise TrackingError(f"MLflow store {self.uri} cannot be used: {_one_line(e)}") from None
+            raise
         self.run_id: str | None = None
         self.logged_until: dict[str, int] = {}
         """Per metric, the last step already in the store (a resumed run does not log those steps twice)."""

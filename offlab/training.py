@@ -688,6 +688,11 @@ def resume(run_id: str, *, dataset: str | None = None, device: str | None = None
     """Continue run `run_id` from its last checkpoint (or from the start when it never wrote one)."""
     from offlab import tracking
 
+    if (run_dir(run_id) / ".training.lock").exists():
+        # refuse at once while another process trains it, before the store is opened: that process may be
+        # writing to a local sqlite store (or be paused mid-write), and a second client would wait on it
+        with _training_lock(run_id):
+            pass
     tracker = tracking.Tracker()
     mlrun = tracker.get_run(run_id)
     tags = mlrun.data.tags

@@ -19,7 +19,16 @@ import torch
 from offlab.algos import ALGOS
 from offlab.algos.base import LearnerSpec
 from offlab.data.store import Transitions
-from offlab.nets import DeterministicActor, EnsembleCritic, ValueNet, mixed_precision
+from offlab.nets import (
+    DeterministicActor,
+    EnsembleCritic,
+    FusedAdam,
+    ValueNet,
+    freeze,
+    mixed_precision,
+    polyak,
+    take_step,
+)
 from tests.helpers import make_sim_dataset
 
 SMALL = (64, 64)
@@ -251,3 +260,59 @@ def test_learner_fits_a_small_real_simulator_dataset(name, pendulum_data):
     assert after < 0.25 * before, (before, after)
     if critic_losses:
         assert np.mean(critic_losses[-50:]) < 0.5 * np.mean(critic_losses[:50])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_fused_adams_short_step_gives_torchs_numbers_and_state(weight_decay, monkeypatch):
+    """FusedAdam's own step (every step after the first) must equal torch's fused Adam bit for bit, load and
+    save torch's state_dict, and leave a step with a missing gradient to torch."""
+    torch.manual_seed(0)
+    reference = EnsembleCritic(3, 2, 2, SMALL)
+    lean = EnsembleCritic(3, 2, 2, SMALL)
+    lean.load_state_dict(reference.state_dict())
+    torch_opt = torch.optim.Adam(reference.parameters(), lr=1e-3, fused=True, weight_decay=weight_decay)
+    lean_opt = FusedAdam(lean.parameters(), lr=1e-3, weight_decay=weight_decay)
+    torch_steps = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None, _step=torch.optim.Adam.step:
+                        torch_steps.append(type(self).__name__) or _step(self, closure))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        obs, act = torch.randn(32, 3, generator=gen), torch.randn(32, 2, generator=gen)
+        torch_opt.zero_grad(set_to_none=True)
+        (reference(obs, act) ** 2).mean().backward()
+        torch_opt.step()
+        take_step(lean_opt, (lean(obs, act) ** 2).mean())  # the learners' way: FusedAdam.apply_gradients
+    assert torch_steps.count("FusedAdam") == 1  # only the first step, which creates the state, is torch's
+    assert_same_state(lean.state_dict(), reference.state_dict())
+    assert_same_state(lean_opt.state_dict(), torch_opt.state_dict())
+
+    # a state_dict saved by torch's Adam resumes in FusedAdam with the same next step
+    resumed = FusedAdam(lean.parameters(), lr=1e-3, weight_decay=weight_decay)
+    resumed.load_state_dict(roundtrip(torch_opt.state_dict()))
+    for net, opt in ((reference, torch_opt), (lean, resumed)):
+        opt.zero_grad()
+        (net(obs, act) ** 2).mean().backward()
+        opt.step()
+    assert_same_state(lean.state_dict(), reference.state_dict())
+
+    # a parameter without a gradient: torch's step, which skips it
+    frozen_bias = lean.net.net[0].bias.detach().clone()
+    resumed.zero_grad()
+    (lean(obs, act) ** 2).mean().backward()
+    lean.net.net[0].bias.grad = None
+    before = torch_steps.count("FusedAdam")
+    resumed.step()
+    assert torch_steps.count("FusedAdam") == before + 1
+    assert torch.equal(lean.net.net[0].bias, frozen_bias)
+
+
+def test_polyak_moves_every_target_parameter_by_tau_and_refuses_mismatched_networks():
+    torch.manual_seed(0)
+    online, target = EnsembleCritic(3, 2, 2, SMALL), EnsembleCritic(3, 2, 2, SMALL)
+    before = [p.detach().clone() for p in target.parameters()]
+    polyak(target, online, 0.25)
+    for t, b, o in zip(target.parameters(), before, online.parameters(), strict=True):
+        assert torch.equal(t, torch.lerp(b, o, 0.25))  # (1 - tau) * target + tau * online, per tensor
+    assert not any(p.requires_grad for p in freeze(target).parameters())
+    with pytest.raises(ValueError, match="parameters"):
+        polyak(target, EnsembleCritic(3, 2, 2, (64,)), 0.25)

@@ -275,3 +275,22 @@ def test_parallel_fits_on_a_fresh_store_share_it(tmp_path):
         ids = list(pool.map(_open_store_and_experiment, [uri] * n, [barrier] * n))
     assert len(set(ids)) == 1
     assert len(MlflowClient(uri).search_experiments(filter_string="name = 'hopper-medium'")) == 1
+
+
+def test_a_store_locked_by_another_process_is_one_line(tmp_path):
+    """Another process inside a write transaction on the local sqlite store (or paused in one) for longer than
+    sqlite's wait: the store is refused in one line that says so, not with sqlalchemy's traceback."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    tracking.Tracker(uri)  # the tables exist
+    holder = sqlite3.connect(tmp_path / "mlflow" / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(TrackingError, match="locked by another process") as caught:
+            tracking.Tracker(uri)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "\n" not in str(caught.value)
+    tracking.Tracker(uri)  # free again
