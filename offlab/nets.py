@@ -312,11 +312,11 @@ def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 class FusedAdam(torch.optim.Adam):
     """torch's fused Adam (`fused=True`) with a short step for the learners' case: one parameter group whose
     parameters all have gradients. That step calls the same kernel with the same arguments as torch's, so the
-    numbers and the state_dict are torch's; it only skips the generic bookkeeping, about 0.15 ms of Python per
-    step on a 2.4 GHz Zen 3, 4% of a TD3+BC update (benchmarks/d3rlpy_speed.md, session 23). The first step,
-    which creates the state, and every other case (several groups, a parameter without a gradient, amsgrad, a
-    closure) take torch's own step. `apply_gradients` is the step without torch's optimizer hooks and profiler
-    label, another ~0.05 ms (`take_step` uses it).
+    numbers and the state_dict are torch's; it only skips torch's generic bookkeeping (312 against 157 us per
+    step on a 2.45 GHz Zen 3; about 4% of a TD3+BC update, benchmarks/d3rlpy_speed.md, session 23). The first
+    step, which creates the state, and every other case (several groups, a parameter without a gradient, amsgrad,
+    a closure) take torch's own step. `apply_gradients` is the step without torch's optimizer hooks and profiler
+    label (`take_step` uses it).
     """
 
     def __init__(self, params, lr: float, **kwargs: Any):
@@ -357,7 +357,8 @@ class FusedAdam(torch.optim.Adam):
 
 
 def adam(params, lr: float, **kwargs: Any) -> torch.optim.Adam:
-    """Adam with the fused kernel (one pass over all parameters; same maths as the per-tensor loop)."""
+    """Adam with the fused kernel (one pass over all parameters; same maths as the per-tensor loop), as a
+    FusedAdam (the same step with less Python around it)."""
     return FusedAdam(params, lr=lr, **kwargs)
 
 
