@@ -548,6 +548,8 @@ class Trainer:
                 with mixed_precision(self.device, r.precision):
                     metrics = self.train_step()
                 self.step += 1
+                if notices := getattr(self.learner, "notices", None):  # the learner's advice, shown once
+                    self.show_notices(notices, bar)
                 for k, v in metrics.items():
                     a = self.acc.setdefault(k, [0.0, 0])
                     a[0] += float(v)
@@ -567,6 +569,15 @@ class Trainer:
             if self._last_checkpoint_step != self.step:
                 self.save()
         return self.step >= total
+
+    def show_notices(self, notices: list[str], bar) -> None:
+        """Print a learner's notices (above the progress bar when there is one) and clear them."""
+        for message in notices:
+            if isinstance(bar, _Progress):
+                bar.bar.console.print(f"[yellow]notice:[/yellow] {message}", highlight=False, soft_wrap=True)
+            else:
+                _warn(message, "notice")
+        notices.clear()
 
     def close(self) -> None:
         torch.set_num_threads(self._threads_before)
@@ -805,10 +816,10 @@ def _train(trainer: Trainer) -> FitResult:
         trainer.close()
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, label: str = "warning") -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[yellow]{label}:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def _end_of_training_ope(trainer: Trainer) -> dict[str, Any]:

@@ -182,13 +182,16 @@ def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first):
         assert certified < 1.0  # ... but not every one asked at a row: the tree answers the rest
 
 
-def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_the_helper(hopper_random, monkeypatch):
+@pytest.mark.parametrize("search", ["kdtree", "ivf"])
+def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_the_helper(hopper_random, monkeypatch,
+                                                                                   search):
     """With torch on several threads the search runs inline (nothing beside it), so the helper thread takes
-    half of the queries left to the tree; the neighbours are the one-thread search's."""
+    half of the queries left to the tree (or the inverted file); the neighbours are the one-thread search's."""
     import offlab.algos.prdc as prdc_module
 
     data = Transitions(hopper_random)
-    index = make(data, beta=2.0, state_neighbours=0).nearest_dataset_action  # every query goes to the tree
+    # without state neighbours every query goes to the tree
+    index = make(data, beta=2.0, state_neighbours=0, nn_search=search).nearest_dataset_action
     gen = torch.Generator().manual_seed(3)
     s = torch.randn(100, data.obs.shape[1], generator=gen)
     a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
@@ -405,3 +408,26 @@ def test_the_search_overlaps_critic_steps_only_when_torch_has_one_thread(hopper_
         torch.set_num_threads(before)
     assert seen == [threads] * 4
     assert started == ([0, 2] if threads == 1 else [])  # the searches of updates 1 and 3 (the actor steps)
+
+
+def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopper_random, monkeypatch):
+    """The first actor steps' waits for the exact search are timed; when their mean reaches SLOW_SEARCH_S the
+    learner leaves one notice for the loop to print (naming nn_search=ivf), and its numbers are unchanged."""
+    data = Transitions(hopper_random)
+    g = torch.Generator().manual_seed(2)
+    batches = [data.sample(64, g) for _ in range(12)]
+    monkeypatch.setattr(PRDC, "TIMED_SEARCHES", 3)
+    monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 0.0)  # every search counts as slow
+    slow = make(data)
+    update_on(slow, batches[:5])  # two actor steps timed: not yet
+    assert slow.notices == []
+    update_on(slow, batches[5:])  # the third, then three more untimed
+    assert len(slow.notices) == 1
+    assert "--set nn_search=ivf" in slow.notices[0] and "waiting" in slow.notices[0]
+    monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 1e9)
+    fast, ivf = make(data), make(data, nn_search="ivf")
+    update_on(fast, batches)
+    update_on(ivf, batches)  # already the approximate search: nothing to advise, nothing timed
+    assert fast.notices == [] and ivf.notices == [] and ivf._search_wait is None
+    for a, b in zip(slow.actor.parameters(), fast.actor.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -353,6 +353,37 @@ def test_learners_with_online_step_drive_interaction_and_get_a_second_env():
     assert seen["second_env"] is not None and seen["second_env"].spec.id == "Hopper-v5"
 
 
+class _AdvisingBC(BC):
+    """BC that leaves a notice on its third update."""
+
+    name = "test-advising-bc"
+    last = None
+
+    def update(self, batch):
+        _AdvisingBC.last = self
+        if getattr(self, "calls", 0) == 2:
+            self.notices.append("three updates done; try --set lr=1")
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().update(batch)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notices = []
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_learners_notice_is_printed_once_and_cleared(capsys, progress):
+    register(_AdvisingBC)
+    try:
+        training.fit(tiny_run(algo="test-advising-bc", steps=10, online_steps=0, eval_episodes=0), progress=progress)
+    finally:
+        ALGOS.pop("test-advising-bc")
+    err = capsys.readouterr().err
+    assert err.count("three updates done; try --set lr=1") == 1
+    assert "notice:" in err
+    assert _AdvisingBC.last.notices == []
+
+
 def test_resuming_a_finished_run_is_refused():
     result = training.fit(tiny_run(steps=20, online_steps=0, eval_episodes=0), progress=False)
     with pytest.raises(Exception, match="already finished"):

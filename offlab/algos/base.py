@@ -12,7 +12,8 @@ its update:
 Hybrid learners also implement `online_step(env, ...)`; they declare what they need in class
 attributes (`needs_env`, `needs_second_env`), and the loop provides it. A learner may also take
 `lookahead(batch)`, the next offline update's batch told before the current update (PRDC starts
-its neighbour search early); its numbers must not depend on being told.
+its neighbour search early); its numbers must not depend on being told. A learner may keep a list
+`notices` of advice for the user (PRDC: a slow exact search); the loop prints each once and clears it.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Differs from the reference code:
   dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
   core, where the inverted file takes about 40 ms and returns the exact neighbour for >= 99.6% of
   queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
+  With several torch threads the helper thread takes half of an inline search's queries, as the tree's.
+  The default stays exact: when the exact search keeps the first actor steps waiting 0.25 s or more,
+  the learner leaves a notice that names `ivf` (`notices`, printed once by the training loop).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
   never disagree about normalisation.
 - The twin critics are one 2-member vectorised ensemble.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -331,7 +335,8 @@ class NearestDatasetAction:
                     ) -> np.ndarray:
         """Row index of each query's nearest key (float32 queries; `rows`: the dataset row each was asked at,
         -1 for none), on one core: it may run beside the critic step. `share_tree`: when many queries are
-        left to the tree, the helper thread takes half of them (the caller has no torch work beside it)."""
+        left to the tree (or the inverted file), the helper thread takes half of them (the caller has no torch
+        work beside it)."""
         if self.search == "kdtree":
             out = np.empty(len(query), dtype=np.int64)
             todo = np.ones(len(query), dtype=bool)
@@ -350,9 +355,17 @@ class NearestDatasetAction:
                 else:
                     out[todo] = self.tree.query(rotated, k=1, workers=1)[1]
             return out
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        if share_tree and len(query) >= self.SHARE_TREE_ROWS:  # as the tree's share: each query's cells alone
+            half = len(query) // 2
+            halves = SplitWork("prdc-search", self._ivf_index, [query[:half], query[half:]])
+            return np.concatenate(halves.result())
+        return self._ivf_index(query)
+
+    def _ivf_index(self, query: np.ndarray) -> np.ndarray:
+        """faiss's inverted file on one thread: the nearest key among each query's `ivf_probe` nearest cells."""
         import faiss
 
-        query = np.ascontiguousarray(query, dtype=np.float32)
         with faiss_threads(1):
             _, idx = self.ivf.search(query, 1)
             idx = idx[:, 0]
@@ -414,6 +427,11 @@ class NearestDatasetAction:
 class PRDC:
     name: ClassVar[str] = "prdc"
     Config: ClassVar[type] = PRDCConfig
+    SLOW_SEARCH_S: ClassVar[float] = 0.25
+    """An exact KD-tree search that keeps the actor step waiting this long (mean over the first
+    `TIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`: far from the data the exact
+    search over 1M keys takes about 1 s per actor step on one core (halfcheetah, alpha 40)."""
+    TIMED_SEARCHES: ClassVar[int] = 20
 
     def __init__(self, config: PRDCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
         self.cfg = config
@@ -438,6 +456,8 @@ class PRDC:
         self.updates = 0
         self._upcoming = None  # the next update's batch, when the loop announced it (lookahead)
         self._early: EarlySearch | None = None  # that batch's search, begun one update early
+        self.notices: list[str] = []  # advice for the user; the training loop prints and clears it
+        self._search_wait: list[float] | None = None  # seconds the first actor steps waited for an exact search
         # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
         # state, e.g. the MLflow pyfunc model) the learner can act but not update.
         self.nearest_dataset_action: NearestDatasetAction | None = None
@@ -450,6 +470,8 @@ class PRDC:
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
                                                                self.device, ivf_probe=config.ivf_probe,
                                                                state_neighbours=config.state_neighbours)
+            if search == "kdtree":
+                self._search_wait = []
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -505,7 +527,10 @@ class PRDC:
                 pi = self.actor(s) if pi is None else pi
                 q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
+                waited = time.perf_counter()
                 nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi, batch.rows)
+                if self._search_wait is not None:
+                    self._time_search(time.perf_counter() - waited)
                 # -lambda * mean Q + mean ||pi(s) - a_nn||^2, lambda = alpha / mean|Q| detached
                 actor_loss, constraint = q_normalised_bc_actor_loss(q, pi, nearest_action, cfg.alpha)
                 take_step(self.actor_opt, actor_loss)
@@ -514,6 +539,20 @@ class PRDC:
             metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": constraint.item(),
                         "train/q_mean": q.mean().item()}
         return metrics
+
+    def _time_search(self, seconds: float) -> None:
+        """Time the first actor steps' waits for the exact search; when they are slow, leave a notice (once).
+        Only the advice depends on the timing, never the numbers."""
+        self._search_wait.append(seconds)
+        if len(self._search_wait) < self.TIMED_SEARCHES:
+            return
+        mean, self._search_wait = sum(self._search_wait) / len(self._search_wait), None
+        if mean >= self.SLOW_SEARCH_S:
+            self.notices.append(
+                f"PRDC: the exact neighbour search keeps each actor step waiting {mean:.2f} s (the policy is far from "
+                f"the data); --set nn_search=ivf, faiss's approximate inverted file, was about 40x faster on "
+                f"halfcheetah-medium and found the exact neighbour for 98-100% of such queries "
+                f"(benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
         """The batch the next `update` will get (the training loop announces it before the current update):
