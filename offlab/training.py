@@ -431,6 +431,7 @@ class Trainer:
         self.step = 0
         self.acc: dict[str, list[float]] = {}
         self.last_eval: dict[str, float] = {}
+        self.notices: list[str] = []  # the learner's notices in this process (the run's `notice` tag)
         self.online: OnlineInteraction | None = None
         self.second_env = None
         self.stop_requested = False
@@ -571,12 +572,16 @@ class Trainer:
         return self.step >= total
 
     def show_notices(self, notices: list[str], bar) -> None:
-        """Print a learner's notices (above the progress bar when there is one) and clear them."""
+        """Print a learner's notices (above the progress bar when there is one), keep them on the run as the
+        `notice` tag (the MLflow UI shows it beside the run), and clear them."""
         for message in notices:
             if isinstance(bar, _Progress):
                 bar.bar.console.print(f"[yellow]notice:[/yellow] {message}", highlight=False, soft_wrap=True)
             else:
                 _warn(message, "notice")
+        self.notices.extend(notices)
+        if self.tracker is not None:
+            self.tracker.set_tags({"notice": "\n".join(self.notices)})
         notices.clear()
 
     def close(self) -> None:

@@ -423,7 +423,7 @@ def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopp
     assert slow.notices == []
     update_on(slow, batches[5:])  # the third, then three more untimed
     assert len(slow.notices) == 1
-    assert "--set nn_search=ivf" in slow.notices[0] and "waiting" in slow.notices[0]
+    assert "--set nn_search=ivf" in slow.notices[0] and "the first 3 actor steps waiting" in slow.notices[0]
     monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 1e9)
     fast, ivf = make(data), make(data, nn_search="ivf")
     update_on(fast, batches)

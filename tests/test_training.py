@@ -375,13 +375,15 @@ class _AdvisingBC(BC):
 def test_a_learners_notice_is_printed_once_and_cleared(capsys, progress):
     register(_AdvisingBC)
     try:
-        training.fit(tiny_run(algo="test-advising-bc", steps=10, online_steps=0, eval_episodes=0), progress=progress)
+        result = training.fit(tiny_run(algo="test-advising-bc", steps=10, online_steps=0, eval_episodes=0),
+                              progress=progress)
     finally:
         ALGOS.pop("test-advising-bc")
     err = capsys.readouterr().err
     assert err.count("three updates done; try --set lr=1") == 1
     assert "notice:" in err
     assert _AdvisingBC.last.notices == []
+    assert MlflowClient().get_run(result.run_id).data.tags["notice"] == "three updates done; try --set lr=1"
 
 
 def test_resuming_a_finished_run_is_refused():
