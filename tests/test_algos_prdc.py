@@ -411,19 +411,21 @@ def test_the_search_overlaps_critic_steps_only_when_torch_has_one_thread(hopper_
 
 
 def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopper_random, monkeypatch):
-    """The first actor steps' waits for the exact search are timed; when their mean reaches SLOW_SEARCH_S the
-    learner leaves one notice for the loop to print (naming nn_search=ivf), and its numbers are unchanged."""
+    """Some actor steps' waits for the exact search are timed (after UNTIMED_SEARCHES); when their mean reaches
+    SLOW_SEARCH_S the learner leaves one notice for the loop to print (naming nn_search=ivf), and its numbers are
+    unchanged."""
     data = Transitions(hopper_random)
     g = torch.Generator().manual_seed(2)
-    batches = [data.sample(64, g) for _ in range(12)]
+    batches = [data.sample(64, g) for _ in range(16)]
+    monkeypatch.setattr(PRDC, "UNTIMED_SEARCHES", 2)
     monkeypatch.setattr(PRDC, "TIMED_SEARCHES", 3)
     monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 0.0)  # every search counts as slow
     slow = make(data)
-    update_on(slow, batches[:5])  # two actor steps timed: not yet
+    update_on(slow, batches[:9])  # four actor steps: two untimed, two timed: not yet
     assert slow.notices == []
-    update_on(slow, batches[5:])  # the third, then three more untimed
+    update_on(slow, batches[9:])  # the fifth, then three more untimed
     assert len(slow.notices) == 1
-    assert "--set nn_search=ivf" in slow.notices[0] and "the first 3 actor steps waiting" in slow.notices[0]
+    assert "--set nn_search=ivf" in slow.notices[0] and "actor steps 3-5 waiting" in slow.notices[0]
     monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 1e9)
     fast, ivf = make(data), make(data, nn_search="ivf")
     update_on(fast, batches)
