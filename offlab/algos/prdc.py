@@ -347,20 +347,17 @@ class NearestDatasetAction:
                 todo[at[certain]] = False
             if todo.any():  # the rest from the tree over all keys, in their principal axes
                 rotated = (query[todo].astype(np.float64) - self.key_mean) @ self.rotation
-                if share_tree and len(rotated) >= self.SHARE_TREE_ROWS:
-                    half = len(rotated) // 2
-                    halves = SplitWork("prdc-search", lambda q: self.tree.query(q, k=1, workers=1)[1],
-                                       [rotated[:half], rotated[half:]])
-                    out[todo] = np.concatenate(halves.result())
-                else:
-                    out[todo] = self.tree.query(rotated, k=1, workers=1)[1]
+                out[todo] = self._in_halves(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, share_tree)
             return out
-        query = np.ascontiguousarray(query, dtype=np.float32)
-        if share_tree and len(query) >= self.SHARE_TREE_ROWS:  # as the tree's share: each query's cells alone
-            half = len(query) // 2
-            halves = SplitWork("prdc-search", self._ivf_index, [query[:half], query[half:]])
-            return np.concatenate(halves.result())
-        return self._ivf_index(query)
+        return self._in_halves(self._ivf_index, np.ascontiguousarray(query, dtype=np.float32), share_tree)
+
+    def _in_halves(self, search, query: np.ndarray, share: bool) -> np.ndarray:
+        """`search(query)`; with `share` and at least SHARE_TREE_ROWS queries, the helper thread searches one half
+        while the caller searches the other (the same answers: each query is searched on its own)."""
+        if not share or len(query) < self.SHARE_TREE_ROWS:
+            return search(query)
+        half = len(query) // 2
+        return np.concatenate(SplitWork("prdc-search", search, [query[:half], query[half:]]).result())
 
     def _ivf_index(self, query: np.ndarray) -> np.ndarray:
         """faiss's inverted file on one thread: the nearest key among each query's `ivf_probe` nearest cells."""
