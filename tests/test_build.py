@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from offlab.data import build, registry, store
-from offlab.envs.make import normalized_score
+from offlab.envs.make import make_env, normalized_score
 from offlab.errors import DatasetExists, EnvError, OfflabError, PolicyError
 from offlab.paths import catalog_dir
 from tests.helpers import run_cli
@@ -263,3 +263,23 @@ def test_parallel_gets_of_a_missing_dataset_build_it_once(tmp_path, monkeypatch)
     assert len(set(hashes)) == 1
     monkeypatch.setenv("OFFLAB_CATALOG_DIR", env["OFFLAB_CATALOG_DIR"])
     assert store.load_dataset("hopper-random").card.content_hash == hashes[0]
+
+
+def test_gymnasiums_own_model_warning_is_dropped_and_the_simulators_warnings_still_shown(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """HalfCheetah-v5's XML sets the deprecated 'settotalmass': MuJoCo's default handler printed that at every env
+    creation (each evaluation of a fit) and wrote MUJOCO_LOG.TXT into the working directory."""
+    import mujoco
+
+    monkeypatch.chdir(tmp_path)
+    make_env("HalfCheetah-v5").close()
+    env = make_env("Hopper-v5")
+    captured = capfd.readouterr()
+    assert "settotalmass" not in captured.out + captured.err
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    model, data = env.unwrapped.model, env.unwrapped.data
+    data.qvel[:] = 1e12  # an unstable simulation: MuJoCo's own warning must still reach the user
+    mujoco.mj_step(model, data)
+    env.close()
+    assert "WARNING (MuJoCo): Nan, Inf or huge value in QVEL" in capfd.readouterr().err
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

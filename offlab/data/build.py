@@ -249,7 +249,10 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
     """
     import gymnasium as gym
 
+    from offlab.envs.make import quiet_gymnasium_model_warnings
+
     torch.set_num_threads(1)
+    quiet_gymnasium_model_warnings()
     envs = [gym.make(env_id, **env_kwargs) for _ in group]
     max_steps = envs[0].spec.max_episode_steps or 1000
     raw = [e.unwrapped for e in envs]

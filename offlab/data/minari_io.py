@@ -346,6 +346,8 @@ def export_minari(name: str, dataset_id: str, *, overwrite: bool = False, author
     from minari.data_collector.episode_buffer import EpisodeBuffer
     from minari.dataset.minari_dataset import parse_dataset_id
 
+    from offlab.envs.make import quiet_gymnasium_model_warnings
+
     minari = _minari()
     try:
         parse_dataset_id(dataset_id)
@@ -358,6 +360,7 @@ def export_minari(name: str, dataset_id: str, *, overwrite: bool = False, author
     ds = store.load_dataset(name)
     card = ds.card
     spec = env_spec_of(card)
+    quiet_gymnasium_model_warnings()
     try:
         env = gym.make(spec)
     except Exception as e:  # bad kwargs in the card

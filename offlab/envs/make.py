@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -21,8 +22,36 @@ class EnvSpaces:
     max_episode_steps: int | None
 
 
+GYMNASIUM_MODEL_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+"""Starts of the MuJoCo warnings that gymnasium's own model files raise on every env creation (HalfCheetah-v5 and
+Walker2d-v5 set the total mass in their XML): nothing a user of offlab can act on."""
+
+
+@functools.cache
+def quiet_gymnasium_model_warnings() -> None:
+    """Drop MuJoCo's warnings about gymnasium's own XML (`GYMNASIUM_MODEL_WARNINGS`); print any other on stderr.
+
+    MuJoCo's default handler prints each warning and appends it to MUJOCO_LOG.TXT in the working directory, so
+    every `offlab fit` on halfcheetah or walker2d printed the same deprecation notice at each evaluation and left
+    that file behind. A handler the user set first is left in place. Once per process.
+    """
+    try:
+        import mujoco
+    except ImportError:  # no MuJoCo envs here
+        return
+    if mujoco.get_mju_user_warning() is not None:
+        return
+
+    def forward(message: str) -> None:
+        if not message.startswith(GYMNASIUM_MODEL_WARNINGS):
+            print(f"WARNING (MuJoCo): {message}", file=sys.stderr, flush=True)
+
+    mujoco.set_mju_user_warning(forward)
+
+
 def make_env(env_id: str, seed: int | None = None, **kwargs) -> gym.Env:
-    """gym.make with a one-line error for ids that are not installed."""
+    """gym.make with a one-line error for ids that are not installed (and without gymnasium's model warnings)."""
+    quiet_gymnasium_model_warnings()
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
