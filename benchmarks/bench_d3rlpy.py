@@ -416,6 +416,9 @@ def main() -> None:
                     vs["fit_vs_sample_update_cpu"] = summary["d3rlpy/loop:td3bc"]["cpu_ms"] / loop
                     extra += f"; d3rlpy fit step / (offlab sample + this): {vs['fit_vs_sample_update_cpu']:.2f}x cpu"
                 summary[f"d3rlpy_vs/{k}"] = vs
+            if k.startswith("prdc"):  # the timed updates are PRDC's dearest: its policy is still far from the data
+                extra += (f"; updates {args.warmup}-{args.warmup + args.rounds * args.steps} from initialisation, "
+                          "where the exact search costs most (over a run: benchmarks/train_speed.py)")
             print(f"offlab {k} / offlab td3bc: {r_cpu:.2f}x cpu, {r_wall:.2f}x wall "
                   f"({summary[f'offlab/{k}']['cpu_ms']:.2f} cpu ms/update){extra}")
     if args.json:
