@@ -2,7 +2,7 @@
 the GIL in their kernels, so two such computations run on two cores), and faiss's thread count.
 
 Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models
-beside the neighbour searches). One single-thread pool per purpose and process, created on first use.
+beside the neighbour searches). One pool per purpose (and number of threads) and process, created on first use.
 
 Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`).
 """
@@ -19,27 +19,31 @@ from typing import Any
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 
 
-def helper_thread(purpose: str) -> ThreadPoolExecutor:
-    """The process's one-thread pool for `purpose` (its threads are named after it)."""
-    if purpose not in _POOLS:
-        _POOLS[purpose] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=purpose)
-    return _POOLS[purpose]
+def helper_thread(purpose: str, threads: int = 1) -> ThreadPoolExecutor:
+    """The process's pool of `threads` helper threads for `purpose` (named after it): one pool per purpose and
+    size, created on first use."""
+    key = purpose if threads == 1 else f"{purpose}-{threads}"
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=key)
+    return _POOLS[key]
 
 
 class SplitWork:
-    """Independent chunks of work, started at once on the `purpose` helper thread from the front; `result()`
-    has the calling thread take chunks from the back until the two meet, then returns the outputs in order.
+    """Independent chunks of work, started at once on `helpers` helper threads of `purpose`, which take chunks
+    from the front; `result()` has the calling thread take chunks from the back until all meet, then returns the
+    outputs in order.
 
-    So work that outlasts what the caller did meanwhile is finished on two cores, not one. Which thread ran
+    So work that outlasts what the caller did meanwhile is finished on every thread, not one. Which thread ran
     a chunk never changes its output: the chunks must not depend on each other.
     """
 
-    def __init__(self, purpose: str, fn: Callable[[Any], Any], chunks: list):
+    def __init__(self, purpose: str, fn: Callable[[Any], Any], chunks: list, helpers: int = 1):
         self.fn, self.chunks = fn, chunks
         self.out: list = [None] * len(chunks)
         self.lock = threading.Lock()
         self.front, self.back = 0, len(chunks) - 1
-        self.helper = helper_thread(purpose).submit(self._drain, True)
+        pool = helper_thread(purpose, helpers)
+        self.helpers = [pool.submit(self._drain, True) for _ in range(helpers)]
 
     def _take(self, from_front: bool) -> int | None:
         with self.lock:
@@ -57,7 +61,8 @@ class SplitWork:
 
     def result(self) -> list:
         self._drain(from_front=False)
-        self.helper.result()  # the chunk the helper is still on (and its exception, if it raised)
+        for helper in self.helpers:
+            helper.result()  # the chunk a helper is still on (and its exception, if it raised)
         return self.out
 
 

@@ -4,6 +4,7 @@ point under the key [beta * s, a], found by an exact index over the whole datase
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -182,11 +183,13 @@ def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first):
         assert certified < 1.0  # ... but not every one asked at a row: the tree answers the rest
 
 
+@pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("search", ["kdtree", "ivf"])
-def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_the_helper(hopper_random, monkeypatch,
-                                                                                   search):
-    """With torch on several threads the search runs inline (nothing beside it), so the helper thread takes
-    half of the queries left to the tree (or the inverted file); the neighbours are the one-thread search's."""
+def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(hopper_random, monkeypatch,
+                                                                                search, threads):
+    """With torch on n threads the search runs inline (nothing beside it), so the queries left to the tree (or
+    the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours are
+    the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
     import offlab.algos.prdc as prdc_module
 
     data = Transitions(hopper_random)
@@ -196,18 +199,40 @@ def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_the_help
     s = torch.randn(100, data.obs.shape[1], generator=gen)
     a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
     alone = index.nearest_index(s, a)
-    halves = []
+    shares = []
     split_work = prdc_module.SplitWork
-    monkeypatch.setattr(prdc_module, "SplitWork",
-                        lambda purpose, fn, chunks: halves.append([len(c) for c in chunks]) or split_work(purpose, fn, chunks))
+
+    def counted(purpose, fn, chunks, helpers=1):
+        shares.append(([len(c) for c in chunks], helpers))
+        return split_work(purpose, fn, chunks, helpers)
+
+    monkeypatch.setattr(prdc_module, "SplitWork", counted)
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         shared = index.nearest_index(s, a)
+        few = index.nearest_index(s[:15], a[:15])
     finally:
         torch.set_num_threads(before)
-    assert halves == [[50, 50]]
+    assert shares == [([100 // threads] * threads, threads - 1)]
     assert torch.equal(alone, shared)
+    assert torch.equal(alone[:15], few)
+
+
+def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several_helpers():
+    from offlab.threads import SplitWork
+
+    calls, lock = [], threading.Lock()
+
+    def square(x):
+        with lock:
+            calls.append((x, threading.current_thread().name))
+        return x * x
+
+    out = SplitWork("test-split", square, list(range(50)), helpers=3).result()
+    assert out == [x * x for x in range(50)]
+    assert sorted(x for x, _ in calls) == list(range(50))  # each chunk once
+    assert {name for _, name in calls} <= {threading.current_thread().name} | {f"test-split-3_{i}" for i in range(3)}
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):

@@ -18,7 +18,8 @@ Differs from the reference code:
   (`lookahead`), the search for an actor step begins in the critic-only update before it (the actor
   is the same until then), so it runs beside two critic steps; if it outlasts them, the main thread
   takes the queries not yet begun (they come in chunks, `SplitWork`). With several torch threads
-  the critic step already keeps the cores busy, and the search runs inline after it.
+  the critic step already keeps the cores busy, and the search runs inline after it, its tree queries
+  shared out over as many threads as torch has (the official code's `workers=-1` uses every core too).
 - Before the tree, each query asked at a dataset row tries that row's nearest dataset states
   (`StateNeighbours`, 128 found once per dataset and kept on disk; the first 32 first): when the
   nearest of their keys is nearer than any key off the list can be, it is the exact neighbour and the
@@ -31,7 +32,7 @@ Differs from the reference code:
   dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
   core, where the inverted file takes about 40 ms and returns the exact neighbour for >= 99.6% of
   queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
-  With several torch threads the helper thread takes half of an inline search's queries, as the tree's.
+  With several torch threads an inline search's queries are shared out over them, as the tree's.
   The default stays exact: when the exact search keeps actor steps 501-520 waiting 0.25 s or more,
   the learner leaves a notice that names `ivf` (`notices`, printed once by the training loop).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
@@ -265,7 +266,7 @@ class NearestDatasetAction:
     """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
 
     Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host, one thread per call
-    (an inline search with torch on several threads gives half of a long tree query to the helper thread);
+    (an inline search with torch on n threads shares a long tree query out over n threads);
     `exact` computes all distances on the keys' device in chunks (the choice for a GPU, where a host
     round trip costs more than the arithmetic). `ivf` is approximate: faiss's inverted file splits the
     keys into about sqrt(N) k-means cells and scans only the `ivf_probe` cells nearest each query.
@@ -274,8 +275,8 @@ class NearestDatasetAction:
     SPLIT_ROWS = 32
     """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
     SHARE_TREE_ROWS = 16
-    """An inline search with torch on several threads shares the tree's queries with the helper thread from
-    this many on."""
+    """An inline search with torch on several threads shares the tree's queries with helper threads from this
+    many on (in shares of at least half as many)."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
                  device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0):
@@ -331,12 +332,11 @@ class NearestDatasetAction:
         index.nprobe = min(probe, cells)
         return index
 
-    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None, share_tree: bool = False
-                    ) -> np.ndarray:
+    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
         """Row index of each query's nearest key (float32 queries; `rows`: the dataset row each was asked at,
-        -1 for none), on one core: it may run beside the critic step. `share_tree`: when many queries are
-        left to the tree (or the inverted file), the helper thread takes half of them (the caller has no torch
-        work beside it)."""
+        -1 for none), on one core: it may run beside the critic step. `threads` > 1 (the caller has no torch
+        work beside it): when many queries are left to the tree (or the inverted file), helper threads search
+        all but one of `threads` shares of them."""
         if self.search == "kdtree":
             out = np.empty(len(query), dtype=np.int64)
             todo = np.ones(len(query), dtype=bool)
@@ -347,17 +347,19 @@ class NearestDatasetAction:
                 todo[at[certain]] = False
             if todo.any():  # the rest from the tree over all keys, in their principal axes
                 rotated = (query[todo].astype(np.float64) - self.key_mean) @ self.rotation
-                out[todo] = self._in_halves(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, share_tree)
+                out[todo] = self._in_shares(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, threads)
             return out
-        return self._in_halves(self._ivf_index, np.ascontiguousarray(query, dtype=np.float32), share_tree)
+        return self._in_shares(self._ivf_index, np.ascontiguousarray(query, dtype=np.float32), threads)
 
-    def _in_halves(self, search, query: np.ndarray, share: bool) -> np.ndarray:
-        """`search(query)`; with `share` and at least SHARE_TREE_ROWS queries, the helper thread searches one half
-        while the caller searches the other (the same answers: each query is searched on its own)."""
-        if not share or len(query) < self.SHARE_TREE_ROWS:
+    def _in_shares(self, search, query: np.ndarray, threads: int) -> np.ndarray:
+        """`search(query)`; with `threads` > 1 and at least SHARE_TREE_ROWS queries, split into up to `threads`
+        equal shares of at least SHARE_TREE_ROWS / 2 queries, one per thread: the caller searches one and helper
+        threads the others (the same answers: each query is searched on its own)."""
+        shares = min(threads, len(query) // (self.SHARE_TREE_ROWS // 2))
+        if shares < 2:
             return search(query)
-        half = len(query) // 2
-        return np.concatenate(SplitWork("prdc-search", search, [query[:half], query[half:]]).result())
+        return np.concatenate(SplitWork("prdc-search", search, np.array_split(query, shares), helpers=shares - 1
+                                        ).result())
 
     def _ivf_index(self, query: np.ndarray) -> np.ndarray:
         """faiss's inverted file on one thread: the nearest key among each query's `ivf_probe` nearest cells."""
@@ -399,8 +401,8 @@ class NearestDatasetAction:
         dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
         query = self._query(norm_obs, action)
         if self.on_host:
-            share = torch.get_num_threads() > 1  # torch waits for the answer: its other cores are free
-            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), share)
+            threads = torch.get_num_threads()  # torch waits for the answer: its cores are free
+            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), threads)
                                     ).to(self.actions.device)
         return self._exact_index(query)
 
