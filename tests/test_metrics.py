@@ -252,6 +252,23 @@ def test_quality_metrics_are_flat_finite_floats(hopper_random, hopper_random_ref
     assert with_ref["quality/tq"] == without["quality/tq"]
 
 
+def test_quality_metrics_are_kept_on_disk_and_computed_again_for_other_data_reference_or_settings(
+        hopper_random, hopper_random_ref, monkeypatch):
+    """Every fit logs them, and on 1M rows they take half a minute: the same data, reference and settings read
+    them back; anything that changes the numbers computes them again."""
+    first = M.quality_metrics(hopper_random, hopper_random_ref, cfg=NO_BC)
+    calls = []
+    real = M.quality
+    monkeypatch.setattr(M, "quality", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert M.quality_metrics(hopper_random, hopper_random_ref, cfg=NO_BC) == first and calls == []
+    doubled = dataclasses.replace(hopper_random, reward=hopper_random.reward * 2)
+    other_rows = M.quality_metrics(doubled, hopper_random_ref, cfg=NO_BC)
+    assert calls == [1] and other_rows["quality/returns/mean"] == pytest.approx(2 * first["quality/returns/mean"])
+    M.quality_metrics(hopper_random, cfg=NO_BC)  # the default reference (the pooled one)
+    M.quality_metrics(hopper_random, hopper_random_ref, cfg=M.QualityConfig(bc=False, coverage_k=3))
+    assert calls == [1, 1, 1]
+
+
 def test_a_reference_from_another_env_or_with_other_dimensions_is_refused(hopper_random):
     cheetah = make_sim_dataset("HalfCheetah-v5", steps=50, seed=0, name="cheetah-few")
     with pytest.raises(EnvError, match="HalfCheetah-v5") as e:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import digamma, gammaln
 
+from offlab import paths
 from offlab.data.schema import Dataset
 from offlab.errors import DataValidationError, EnvError
 from offlab.threads import faiss_threads, helper_thread, usable_cores
@@ -1069,4 +1070,27 @@ def quality_metrics(ds: Dataset, reference: Reference | Dataset | None = None,
         from offlab.data.report import default_reference
 
         reference = default_reference(ds, exclude_build=True)
-    return flatten_metrics(quality(ds, reference if coverage else None, cfg).numbers)
+    if isinstance(reference, Dataset):
+        reference = reference_from_dataset(reference)
+    reference = reference if coverage else None
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        flat = flatten_metrics(quality(ds, reference, cfg).numbers)
+        return np.array(list(flat), dtype=str), np.array(list(flat.values()), dtype=np.float64)
+
+    (names, values), _ = paths.cached_arrays("quality/metrics", _metrics_key(ds, reference, cfg), compute)
+    return dict(zip(names.tolist(), values.tolist(), strict=True))
+
+
+def _metrics_key(ds: Dataset, reference: Reference | None, cfg: QualityConfig) -> list:
+    """What `quality_metrics` depends on: this module's code, the dataset's card and rows, the reference's rows
+    and the settings. Every `offlab fit` logs the numbers, and on a 1M-row dataset they take half a minute
+    (the coverage's neighbour searches), so later runs on the same data read them back."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    code = paths.digest(np.frombuffer(Path(__file__).read_bytes(), np.uint8))
+    card = json.dumps(dataclasses.asdict(ds.card), sort_keys=True, default=str)
+    ref = None if reference is None else [reference.name, reference.kind, paths.digest(reference.x)]
+    return [1, code, card, ds.content_hash(), ref, dataclasses.asdict(cfg)]
