@@ -2,7 +2,7 @@
 the GIL in their kernels, so two such computations run on two cores), and faiss's thread count.
 
 Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models
-beside the neighbour searches). One pool per purpose (and number of threads) and process, created on first use.
+beside the neighbour searches). One pool per purpose and process, created on first use.
 
 Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`).
 """
@@ -16,16 +16,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS: dict[str, tuple[ThreadPoolExecutor, int]] = {}
 
 
 def helper_thread(purpose: str, threads: int = 1) -> ThreadPoolExecutor:
-    """The process's pool of `threads` helper threads for `purpose` (named after it): one pool per purpose and
-    size, created on first use."""
-    key = purpose if threads == 1 else f"{purpose}-{threads}"
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=key)
-    return _POOLS[key]
+    """The process's pool of helper threads for `purpose` (named after it), with room for at least `threads` at
+    once: created on first use, replaced by a larger one when more are asked for (the old one's threads finish
+    what they run, then exit)."""
+    pool, size = _POOLS.get(purpose, (None, 0))
+    if pool is None or size < threads:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=purpose)
+        _POOLS[purpose] = pool, threads
+    return pool
 
 
 class SplitWork:

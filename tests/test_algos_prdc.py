@@ -220,7 +220,7 @@ def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(
 
 
 def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several_helpers():
-    from offlab.threads import SplitWork
+    from offlab.threads import SplitWork, helper_thread
 
     calls, lock = [], threading.Lock()
 
@@ -232,7 +232,13 @@ def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several
     out = SplitWork("test-split", square, list(range(50)), helpers=3).result()
     assert out == [x * x for x in range(50)]
     assert sorted(x for x, _ in calls) == list(range(50))  # each chunk once
-    assert {name for _, name in calls} <= {threading.current_thread().name} | {f"test-split-3_{i}" for i in range(3)}
+    assert {name for _, name in calls} <= {threading.current_thread().name} | {f"test-split_{i}" for i in range(3)}
+    # one pool per purpose, grown when more helpers are asked for
+    first = helper_thread("test-split")
+    assert helper_thread("test-split", 2) is first and helper_thread("test-split", 3) is first
+    grown = helper_thread("test-split", 4)
+    assert grown is not first and helper_thread("test-split", 3) is grown and helper_thread("test-split") is grown
+    assert SplitWork("test-split", square, [1, 2, 3]).result() == [1, 4, 9]
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
