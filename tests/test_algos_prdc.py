@@ -153,16 +153,20 @@ def test_the_whole_list_settles_what_its_first_states_leave_open():
 
 @pytest.mark.parametrize("noise", [0.02, 0.3, 1.0])
 @pytest.mark.parametrize("first", [4, 16])
-def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first):
+@pytest.mark.parametrize("open_search", ["cells", "tree"])
+def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first, open_search):
     """Queries at dataset rows (the learner's case), at rows whose state was moved a little, and with no
-    row: the answer with the state neighbours is the brute-force argmin, as without them. first=4: most
-    queries go on to the second stage (the whole list of 16)."""
+    row: the answer with the state neighbours is the brute-force argmin, as without them, whether the Voronoi
+    cells or the tree settle the queries the lists leave open. first=4: most queries go on to the second stage
+    (the whole list of 16)."""
     from offlab.algos.prdc import StateNeighbours
 
     data = Transitions(hopper_random)
     learner = make(data, beta=2.0, state_neighbours=16)
     index = learner.nearest_dataset_action
     index.neighbours = StateNeighbours(learner.normalizer(data.obs).numpy(), 16, first=first)
+    index.open_cost = {"cells": 0.0, "tree": 1.0} if open_search == "cells" else {"cells": 1.0, "tree": 0.0}
+    index.OPEN_RETRY = 10**9  # no retiming: every open search takes `open_search`
     gen = torch.Generator().manual_seed(2)
     rows = torch.randint(0, len(data), (200,), generator=gen)
     s = learner.normalizer(data.obs[rows])
@@ -239,6 +243,45 @@ def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several
     grown = helper_thread("test-split", 4)
     assert grown is not first and helper_thread("test-split", 3) is grown and helper_thread("test-split") is grown
     assert SplitWork("test-split", square, [1, 2, 3]).result() == [1, 4, 9]
+
+
+def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
+    """The cells scanned are those whose half-space bound is below the candidate's distance: from the true
+    neighbour, from a random key or from the farthest one (then nearly every cell), near the data and far from
+    it, the answer is the float64 brute-force argmin."""
+    from offlab.algos.prdc import VoronoiCells
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 3, size=(20, 6))
+    keys = (centres[rng.integers(0, 20, 4000)] + rng.normal(0, 0.5, size=(4000, 6))).astype(np.float32)
+    cells = VoronoiCells(keys)
+    assert cells.index.nlist == round(np.sqrt(4000))
+    query = np.concatenate([keys[:100] + rng.normal(0, 0.05, (100, 6)), rng.normal(0, 6, (100, 6))]).astype(np.float32)
+    dist = ((query[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    brute = dist.argmin(1)
+    for candidate in (brute, rng.integers(0, 4000, len(query)), dist.argmax(1)):
+        np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
+
+
+def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_retimed():
+    """Each open search is timed; once both are, the cheaper per query answers, and every OPEN_RETRY-th search
+    times the other again. The neighbours never depend on it."""
+    learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 5.0]), beta=1.0, normalize_states=False,
+                   state_neighbours=2)
+    index = learner.nearest_dataset_action
+    used = []
+    tree_index, cells = index._tree_index, index.cells.nearest
+    index._tree_index = lambda *a: used.append("tree") or tree_index(*a)
+    index.cells.nearest = lambda *a: used.append("cells") or cells(*a)
+    s, a, rows = torch.zeros(1, 1), torch.tensor([[5.0]]), torch.tensor([0])  # open: the tree or the cells find (3, 5)
+    answers = [index.nearest_index(s, a, rows).item() for _ in range(2)]
+    assert used == ["cells", "tree"] and set(index.open_cost) == {"cells", "tree"}
+    index.open_cost = {"cells": 1e-3, "tree": 1.0}
+    index.OPEN_RETRY = 4
+    used.clear()
+    answers += [index.nearest_index(s, a, rows).item() for _ in range(4)]
+    assert used == ["cells", "tree", "cells", "cells"]  # the 4th open search (of 6 in all) retimes the tree
+    assert answers == [3] * 6
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
