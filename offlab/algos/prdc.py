@@ -280,9 +280,9 @@ class VoronoiCells:
     as the tree's.
     """
 
-    ROUNDING = 2.0**-16
-    """Relative error allowed for a float32 squared distance (|q|^2 + |c|^2 - 2 q.c over a few dozen terms),
-    generously: it only widens the scan."""
+    ROUNDING_PER_DIM = 2.0**-22
+    """Relative error allowed for a float32 squared distance |q|^2 + |c|^2 - 2 q.c, per key dimension (float32's
+    2^-24 four times over for each term of the sums): an overestimate only widens the scan."""
 
     def __init__(self, keys: np.ndarray):
         import faiss
@@ -316,7 +316,7 @@ class VoronoiCells:
         first = dist.argmin(1)
         q_sq = np.einsum("ij,ij->i", q64, q64)
         # the query's distances and the keys' cell assignment were float32: take their possible error off the bound
-        error = self.ROUNDING * (2.0 * q_sq[:, None] + 2.0 * self.key_sq_max + self.centroid_sq[None, :]
+        error = self.ROUNDING_PER_DIM * x.shape[1] * (2.0 * q_sq[:, None] + 2.0 * self.key_sq_max + self.centroid_sq[None, :]
                                  + self.centroid_sq[first][:, None])
         gap = self.centroid_gap[first]
         with np.errstate(divide="ignore", invalid="ignore"):
