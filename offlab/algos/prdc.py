@@ -266,6 +266,20 @@ class StateNeighbours:
         return found, certain
 
 
+def kmeans_cells(keys: np.ndarray):
+    """faiss's inverted file over float32 `keys`: about sqrt(N) k-means cells (with the >= 39 training points per
+    cell faiss's k-means asks for), each key in the cell of its nearest centroid."""
+    import faiss
+
+    cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], cells)
+    index.cp.seed = 0
+    with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
+        index.train(keys)
+        index.add(keys)
+    return index
+
+
 class VoronoiCells:
     """The exact nearest key to queries that already have a candidate, by scanning only the k-means cells that can
     hold a nearer key: where the policy is far from the data, about twice as fast as the KD-tree on 1M keys.
@@ -285,16 +299,9 @@ class VoronoiCells:
     2^-24 four times over for each term of the sums): an overestimate only widens the scan."""
 
     def __init__(self, keys: np.ndarray):
-        import faiss
-
         self.keys = keys
-        cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
-        self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], cells)
-        self.index.cp.seed = 0
-        with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
-            self.index.train(keys)
-            self.index.add(keys)
-        self.centroids = self.index.quantizer.reconstruct_n(0, cells)
+        self.index = kmeans_cells(keys)
+        self.centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
         cent = self.centroids.astype(np.float64)
         self.centroid_sq = np.einsum("ij,ij->i", cent, cent)
         self.centroid_gap = np.sqrt(np.maximum(self.centroid_sq[:, None] + self.centroid_sq[None, :]
@@ -316,8 +323,8 @@ class VoronoiCells:
         first = dist.argmin(1)
         q_sq = np.einsum("ij,ij->i", q64, q64)
         # the query's distances and the keys' cell assignment were float32: take their possible error off the bound
-        error = self.ROUNDING_PER_DIM * x.shape[1] * (2.0 * q_sq[:, None] + 2.0 * self.key_sq_max + self.centroid_sq[None, :]
-                                 + self.centroid_sq[first][:, None])
+        error = self.ROUNDING_PER_DIM * x.shape[1] * (2.0 * q_sq[:, None] + 2.0 * self.key_sq_max
+                                                      + self.centroid_sq[None, :] + self.centroid_sq[first][:, None])
         gap = self.centroid_gap[first]
         with np.errstate(divide="ignore", invalid="ignore"):
             lower = np.where(gap > 0, (dist - dist[rows, first][:, None] - error) / (2.0 * gap), 0.0)
@@ -408,16 +415,8 @@ class NearestDatasetAction:
 
     @staticmethod
     def _build_ivf(keys: np.ndarray, probe: int):
-        import faiss
-
-        # about sqrt(N) cells, with the >= 39 training points per cell faiss's k-means asks for
-        cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], cells)
-        index.cp.seed = 0
-        with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
-            index.train(keys)
-            index.add(keys)
-        index.nprobe = min(probe, cells)
+        index = kmeans_cells(keys)
+        index.nprobe = min(probe, index.nlist)
         return index
 
     def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
