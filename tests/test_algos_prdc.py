@@ -263,6 +263,44 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
+def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time(tmp_path):
+    """The centroids and each key's cell are stored once per set of keys; read back, every cell holds the same keys
+    in the same order as faiss's own train-then-add, so searches give the same answers. Other keys train again."""
+    import faiss
+
+    from offlab import paths
+    from offlab.algos.prdc import kmeans_cells
+
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(6000, 5)).astype(np.float32)
+    trained = faiss.IndexIVFFlat(faiss.IndexFlatL2(5), 5, 77)  # round(sqrt(6000)) cells, as kmeans_cells
+    trained.cp.seed = 0
+    trained.train(keys)
+    trained.add(keys)
+    store = paths.home() / "prdc" / "kmeans_cells"
+    first = kmeans_cells(keys)
+    assert len(list(store.glob("*.npz"))) == 1
+    stamp = next(store.glob("*.npz")).stat().st_mtime_ns
+    again = kmeans_cells(keys)
+    assert next(store.glob("*.npz")).stat().st_mtime_ns == stamp  # read back, not trained again
+    query = rng.normal(size=(200, 5)).astype(np.float32)
+    for index in (trained, first, again):
+        index.nprobe = 6
+    want = trained.search(query, 3)
+    for index in (first, again):
+        assert index.nlist == 77 and index.ntotal == 6000
+        for cell in range(index.nlist):
+            size = index.invlists.list_size(cell)
+            assert size == trained.invlists.list_size(cell)
+            np.testing.assert_array_equal(faiss.rev_swig_ptr(index.invlists.get_ids(cell), size),
+                                          faiss.rev_swig_ptr(trained.invlists.get_ids(cell), size))
+        got = index.search(query, 3)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    kmeans_cells(keys[:5000])
+    assert len(list(store.glob("*.npz"))) == 2
+
+
 def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_retimed():
     """Each open search is timed; once both are, the cheaper per query answers, and every OPEN_RETRY-th search
     times the other again. The neighbours never depend on it."""

@@ -266,17 +266,39 @@ class StateNeighbours:
         return found, certain
 
 
+KMEANS_CACHE_VERSION = 1
+
+
 def kmeans_cells(keys: np.ndarray):
     """faiss's inverted file over float32 `keys`: about sqrt(N) k-means cells (with the >= 39 training points per
-    cell faiss's k-means asks for), each key in the cell of its nearest centroid."""
+    cell faiss's k-means asks for), each key in the cell of its nearest centroid.
+
+    The centroids and each key's cell are kept on disk (OFFLAB_HOME/prdc/kmeans_cells, keyed by a digest of the
+    keys), as the state neighbours are: the k-means takes 2-6 s on 1M keys, at every fit. Read back, the same keys
+    go into the same cells in the same order, so the index is the one built the first time."""
     import faiss
 
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    dim = keys.shape[1]
     cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(keys.shape[1]), keys.shape[1], cells)
-    index.cp.seed = 0
-    with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
-        index.train(keys)
-        index.add(keys)
+
+    def train():
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
+        index.cp.seed = 0
+        with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
+            index.train(keys)
+            cell_of = index.quantizer.assign(keys, 1)[:, 0]  # what index.add would file each key under
+        return index.quantizer.reconstruct_n(0, cells), cell_of.astype(np.int64)
+
+    (centroids, cell_of), _ = paths.cached_arrays(
+        "prdc/kmeans_cells", [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), cells], train)
+    quantizer = faiss.IndexFlatL2(dim)
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index = faiss.IndexIVFFlat(quantizer, dim, cells)
+    index.is_trained = True  # its quantizer holds the trained centroids
+    cell_of = np.ascontiguousarray(cell_of, dtype=np.int64)  # held here: swig_ptr keeps no reference
+    with faiss_threads(1):
+        index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(cell_of))
     return index
 
 
