@@ -28,7 +28,7 @@ Differs from the reference code:
   candidate; only faiss k-means cells that can hold a nearer key are scanned (`VoronoiCells`), exact and
   about twice as fast as the tree on 1M keys. Whichever of the two took less time per query lately takes
   the open queries (the tree on 100k keys); the answer is the same either way. The cells cost a k-means over
-  the keys when the learner is built (2-6 s on 1M keys, one thread) and a float32 copy of the keys.
+  the keys once per dataset (2-6 s on 1M keys, one thread; kept on disk) and a float32 copy of the keys.
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
