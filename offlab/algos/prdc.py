@@ -275,8 +275,8 @@ def kmeans_cells(keys: np.ndarray):
     cell faiss's k-means asks for), each key in the cell of its nearest centroid.
 
     The centroids and each key's cell are kept on disk (OFFLAB_HOME/prdc/kmeans_cells, keyed by a digest of the
-    keys), as the state neighbours are: the k-means takes 2-6 s on 1M keys, at every fit. Read back, the same keys
-    go into the same cells in the same order, so the index is the one built the first time."""
+    keys), as the state neighbours are: computed, the k-means took 2-6 s of every fit on 1M keys. Read back, the same
+    keys go into the same cells in the same order, so the index is the one built the first time."""
     import faiss
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
