@@ -263,7 +263,7 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
-def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time(tmp_path):
+def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time():
     """The centroids and each key's cell are stored once per set of keys; read back, every cell holds the same keys
     in the same order as faiss's own train-then-add, so searches give the same answers. Other keys train again."""
     import faiss

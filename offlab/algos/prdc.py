@@ -289,7 +289,7 @@ def kmeans_cells(keys: np.ndarray):
         with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
             index.train(keys)
             cell_of = index.quantizer.assign(keys, 1)[:, 0]  # what index.add would file each key under
-        return index.quantizer.reconstruct_n(0, cells), cell_of.astype(np.int64)
+        return index.quantizer.reconstruct_n(0, cells), cell_of
 
     (centroids, cell_of), _ = paths.cached_arrays(
         "prdc/kmeans_cells", [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), cells], train)
