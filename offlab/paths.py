@@ -123,7 +123,8 @@ def cached_arrays(folder: str, key: list, make: Callable[[], tuple]) -> tuple[tu
     if path.is_file():
         try:
             with np.load(path) as f:
-                return tuple(f[f"v{i}"] if f[f"v{i}"].ndim else f[f"v{i}"].item() for i in range(len(f.files))), True
+                arrays = [f[f"v{i}"] for i in range(len(f.files))]  # each read once: NpzFile reads on every access
+            return tuple(a if a.ndim else a.item() for a in arrays), True
         except (OSError, ValueError, KeyError):
             pass
     value = make()

@@ -255,7 +255,19 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     centres = rng.normal(0, 3, size=(20, 6))
     keys = (centres[rng.integers(0, 20, 4000)] + rng.normal(0, 0.5, size=(4000, 6))).astype(np.float32)
     cells = VoronoiCells(keys)
-    assert cells.index.nlist == round(np.sqrt(4000))
+    assert len(cells.centroids) == round(np.sqrt(4000))
+    # the scan's layout: every key once, cell by cell, as its offset from its own (the nearest) centroid
+    assert sorted(cells.order) == list(range(4000))
+    sizes = np.diff(cells.start)
+    cell_of = np.repeat(np.arange(len(sizes)), sizes)
+    to_centroids = ((keys[cells.order, None, :].astype(np.float64) - cells.centroids[None]) ** 2).sum(-1)
+    assert (to_centroids[np.arange(4000), cell_of] <= to_centroids.min(1) * (1 + 1e-5) + 1e-6).all()
+    offset = keys[cells.order].astype(np.float64) - cells.centroids[cell_of]
+    radius = np.sqrt((offset**2).sum(1))
+    for cell in range(len(sizes)):  # in each cell, nearest the centroid first: a shell is one run of keys
+        assert (np.diff(radius[cells.start[cell]:cells.start[cell + 1]]) >= 0).all()
+    np.testing.assert_allclose(cells.offsets[:-1].T, offset, atol=1e-5)
+    np.testing.assert_allclose(cells.offsets[-1], -0.5 * (offset**2).sum(1), rtol=1e-5, atol=1e-6)
     query = np.concatenate([keys[:100] + rng.normal(0, 0.05, (100, 6)), rng.normal(0, 6, (100, 6))]).astype(np.float32)
     dist = ((query[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
@@ -301,9 +313,15 @@ def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_t
     assert len(list(store.glob("*.npz"))) == 2
 
 
-def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_retimed():
-    """Each open search is timed; once both are, the cheaper per query answers, and every OPEN_RETRY-th search
-    times the other again. The neighbours never depend on it."""
+def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_retimed(monkeypatch):
+    """Each open search is timed; once both are, the cheaper per query answers, and the other is timed again after
+    OPEN_RETRY searches times how much slower it was (at most OPEN_RETRY_MAX). The neighbours never depend on it."""
+    import types
+
+    from offlab.algos import prdc
+
+    clock = iter(range(10**6))  # every search takes 1 ms of this clock: the cells' cost stays 1 ms per query
+    monkeypatch.setattr(prdc, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 1e-3))
     learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 5.0]), beta=1.0, normalize_states=False,
                    state_neighbours=2)
     index = learner.nearest_dataset_action
@@ -314,12 +332,17 @@ def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_reti
     s, a, rows = torch.zeros(1, 1), torch.tensor([[5.0]]), torch.tensor([0])  # open: the tree or the cells find (3, 5)
     answers = [index.nearest_index(s, a, rows).item() for _ in range(2)]
     assert used == ["cells", "tree"] and set(index.open_cost) == {"cells", "tree"}
-    index.open_cost = {"cells": 1e-3, "tree": 1.0}
-    index.OPEN_RETRY = 4
+    index.open_cost, index._since_retime = {"cells": 1e-3, "tree": 2e-3}, 0
+    index.OPEN_RETRY = 2
     used.clear()
     answers += [index.nearest_index(s, a, rows).item() for _ in range(4)]
-    assert used == ["cells", "tree", "cells", "cells"]  # the 4th open search (of 6 in all) retimes the tree
-    assert answers == [3] * 6
+    assert used == ["cells", "cells", "cells", "tree"]  # twice as slow: retimed after 2 x 2 searches
+    index.open_cost, index._since_retime = {"cells": 1e-3, "tree": 1.0}, 0
+    index.OPEN_RETRY_MAX = 5
+    used.clear()
+    answers += [index.nearest_index(s, a, rows).item() for _ in range(5)]
+    assert used == ["cells"] * 4 + ["tree"]  # 1000 times as slow: after OPEN_RETRY_MAX searches
+    assert answers == [3] * 11
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):

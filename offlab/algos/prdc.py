@@ -25,10 +25,11 @@ Differs from the reference code:
   nearest of their keys is nearer than any key off the list can be, it is the exact neighbour and the
   tree is skipped. Once the policy is near the data that answers most queries (same neighbours as the
   tree; `state_neighbours=0` turns it off). A query they leave open still has their nearest key as a
-  candidate; only faiss k-means cells that can hold a nearer key are scanned (`VoronoiCells`), exact and
-  about twice as fast as the tree on 1M keys. Whichever of the two took less time per query lately takes
-  the open queries (the tree on 100k keys); the answer is the same either way. The cells cost a k-means over
-  the keys once per dataset (2-6 s on 1M keys, one thread; kept on disk) and a float32 copy of the keys.
+  candidate; only the keys of faiss k-means cells that can hold a nearer key, in the shell around the cell's
+  centroid that can, are scanned (`VoronoiCells`, on one thread): exact, and 3-6 times as fast as the tree on
+  1M keys. Whichever of the two took less time per query lately takes the open queries; the answer is the
+  same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread;
+  kept on disk) and a float32 copy of the keys, stored cell by cell.
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
@@ -270,13 +271,12 @@ class StateNeighbours:
 KMEANS_CACHE_VERSION = 1
 
 
-def kmeans_cells(keys: np.ndarray):
-    """faiss's inverted file over float32 `keys`: about sqrt(N) k-means cells (with the >= 39 training points per
-    cell faiss's k-means asks for), each key in the cell of its nearest centroid.
+def kmeans_partition(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's k-means over float32 `keys`: about sqrt(N) centroids (with the >= 39 training points per cell faiss's
+    k-means asks for) [cells, dim] float32, and each key's cell, that of its nearest centroid [N] int64.
 
-    The centroids and each key's cell are kept on disk (OFFLAB_HOME/prdc/kmeans_cells, keyed by a digest of the
-    keys), as the state neighbours are: computed, the k-means took 2-6 s of every fit on 1M keys. Read back, the same
-    keys go into the same cells in the same order, so the index is the one built the first time."""
+    Kept on disk (OFFLAB_HOME/prdc/kmeans_cells, keyed by a digest of the keys), as the state neighbours are:
+    computed, the k-means took 2-6 s of every fit on 1M keys."""
     import faiss
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
@@ -293,28 +293,47 @@ def kmeans_cells(keys: np.ndarray):
 
     (centroids, cell_of), _ = paths.cached_arrays(
         "prdc/kmeans_cells", [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), cells], train)
-    quantizer = faiss.IndexFlatL2(dim)
-    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    index = faiss.IndexIVFFlat(quantizer, dim, cells)
+    return np.ascontiguousarray(centroids, dtype=np.float32), np.ascontiguousarray(cell_of, dtype=np.int64)
+
+
+def kmeans_cells(keys: np.ndarray):
+    """faiss's inverted file over float32 `keys`, its cells those of `kmeans_partition`. Read back from disk, the
+    same keys go into the same cells in the same order, so the index is the one built the first time."""
+    import faiss
+
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    centroids, cell_of = kmeans_partition(keys)  # cell_of held here: swig_ptr keeps no reference
+    quantizer = faiss.IndexFlatL2(keys.shape[1])
+    quantizer.add(centroids)
+    index = faiss.IndexIVFFlat(quantizer, keys.shape[1], len(centroids))
     index.is_trained = True  # its quantizer holds the trained centroids
-    cell_of = np.ascontiguousarray(cell_of, dtype=np.int64)  # held here: swig_ptr keeps no reference
     with faiss_threads(1):
         index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(cell_of))
     return index
 
 
 class VoronoiCells:
-    """The exact nearest key to queries that already have a candidate, by scanning only the k-means cells that can
-    hold a nearer key: where the policy is far from the data, about twice as fast as the KD-tree on 1M keys.
+    """The exact nearest key to queries that already have a candidate, by scanning only the keys of the k-means
+    cells that can hold a nearer one: where the policy is far from the data, several times faster than the KD-tree
+    on 1M keys.
 
-    faiss's inverted file puts every key in the cell of its nearest centroid (about sqrt(N) cells). A key of cell j
-    is then at least (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|) from the query q (the half-space bound; c_1 is the
-    centroid nearest q). Cells whose bound is below the candidate's distance are scanned, all in one faiss call;
-    the nearest of the keys found there and the candidate is the nearest of all keys. The candidate comes from
-    the state neighbours (for the queries they found but could not certify), so its distance is tight and few
-    cells pass (5-9 per query on hopper-medium and walker2d-medium). The bounds allow for float32 rounding (faiss
-    computes the distances, and assigned the keys to cells, in float32), and the final comparison is in float64,
-    as the tree's.
+    Every key is in the cell of its nearest centroid (`kmeans_partition`, about sqrt(N) cells). Two bounds on the
+    distance from a query q to a key k of cell j (centroid c_j), both to beat the candidate's distance d:
+    - the half-space bound (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|), c_1 the centroid nearest q: which cells
+      to scan (5-9 per query on hopper-medium and walker2d-medium, the candidate being tight: it comes from the
+      state neighbours, for the queries they found but could not certify);
+    - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
+      centroid, so the keys to scan are one contiguous run, those in the shell |k - c_j| in |q - c_j| +- d (about
+      half of the cell on walker2d-medium).
+    The nearest of the keys scanned and the candidate is the nearest of all keys. The cells' bound allows for
+    float32 rounding (the query-centroid distances, and the keys' cell assignment, are float32), and the final
+    comparison is in float64, as the tree's.
+
+    The scan: the keys are stored cell by cell as their offsets r = k - c_j, transposed (one row per dimension, a
+    last row -|r|^2 / 2), so a run's scores (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are one
+    matrix-vector product over contiguous memory. That reads the keys about twice as fast as faiss's inverted-file
+    scan, on one thread (`benchmarks/learner_speed.md`, session 27), and the offsets from the centroid keep float32's
+    rounding in the scores to the cell's scale.
     """
 
     ROUNDING_PER_DIM = 2.0**-22
@@ -323,17 +342,36 @@ class VoronoiCells:
 
     def __init__(self, keys: np.ndarray):
         self.keys = keys
-        self.index = kmeans_cells(keys)
-        self.centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
+        self.centroids, cell_of = kmeans_partition(keys)
+        cells, dim = self.centroids.shape
         cent = self.centroids.astype(np.float64)
         self.centroid_sq = np.einsum("ij,ij->i", cent, cent)
         self.centroid_gap = np.sqrt(np.maximum(self.centroid_sq[:, None] + self.centroid_sq[None, :]
                                                - 2.0 * cent @ cent.T, 0.0))
         self.key_sq_max = float(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max())
+        radius = np.empty(len(keys))  # |k - c_j|, float64
+        step = 65_536
+        for i in range(0, len(keys), step):
+            r = keys[i:i + step].astype(np.float64) - cent[cell_of[i:i + step]]
+            radius[i:i + step] = np.sqrt(np.einsum("ij,ij->i", r, r))
+        self.order = np.lexsort((radius, cell_of))  # key rows: cell by cell, nearest the centroid first
+        self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
+        np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
+        # one sorted float64 array for all cells' radii: cell j's at j * width + radius (width: more than any
+        # radius and any shell's half-width can reach), so each shell's run is one vectorised searchsorted
+        self.width = 2.0 * float(radius.max()) + 1.0
+        self.shell_key = cell_of[self.order] * self.width + radius[self.order]
+        self.shell_slack = 4.0 * 2.0**-52 * cells * self.width  # the float64 rounding of j * width + radius
+        self.offsets = np.empty((dim + 1, len(keys)), np.float32)  # [r; -|r|^2 / 2], r = key - its centroid
+        for i in range(0, len(keys), step):
+            rows = self.order[i:i + step]
+            r = keys[rows].astype(np.float64) - cent[cell_of[rows]]
+            self.offsets[:dim, i:i + step] = r.T
+            self.offsets[dim, i:i + step] = -0.5 * np.einsum("ij,ij->i", r, r)
 
     def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Row index of each query's nearest key, given a candidate key row for each (any key: the nearer it is,
-        the fewer cells are scanned). query: float32 [n, obs + act]."""
+        the fewer keys are scanned). query: float32 [n, obs + act]."""
         import faiss
 
         x = np.ascontiguousarray(query, dtype=np.float32)
@@ -345,34 +383,41 @@ class VoronoiCells:
             dist = faiss.pairwise_distances(x, self.centroids).astype(np.float64)
         first = dist.argmin(1)
         q_sq = np.einsum("ij,ij->i", q64, q64)
-        # the query's distances and the keys' cell assignment were float32: take their possible error off the bound
-        error = self.ROUNDING_PER_DIM * x.shape[1] * (2.0 * q_sq[:, None] + 2.0 * self.key_sq_max
-                                                      + self.centroid_sq[None, :] + self.centroid_sq[first][:, None])
-        gap = self.centroid_gap[first]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lower = np.where(gap > 0, (dist - dist[rows, first][:, None] - error) / (2.0 * gap), 0.0)
-        scan = lower <= bound_now[:, None]
-        scan[rows, first] = True
-        width = int(scan.sum(1).max())
-        # each row's cells to scan, left-aligned, -1 after them
-        at_row, cell = np.nonzero(scan)
-        cells = np.full((len(x), width), -1, np.int64)
-        cells[at_row, (np.cumsum(scan, axis=1) - 1)[at_row, cell]] = cell
-        # every array the C call reads or writes is held here: swig_ptr keeps no reference to its array
-        cell_dist, found_dist = np.zeros(cells.shape, np.float32), np.empty((len(x), 2), np.float32)
-        found = np.empty((len(x), 2), np.int64)
-        params = faiss.SearchParametersIVF(nprobe=width)
-        # the C call with this search's own nprobe: the Python wrapper reads it from the index, which another
-        # thread may be searching at the same time
-        with faiss_threads(1):
-            self.index.search_preassigned_c(len(x), faiss.swig_ptr(x), 2, faiss.swig_ptr(cells),
-                                            faiss.swig_ptr(cell_dist), faiss.swig_ptr(found_dist),
-                                            faiss.swig_ptr(found), False, params)
-        # the float64 nearest of the candidate and faiss's two nearest (float32 may order near ties otherwise)
-        choices = np.concatenate([candidate[:, None], found], axis=1)
-        diff = self.keys[np.maximum(choices, 0)].astype(np.float64) - q64[:, None, :]
-        d2 = np.where(choices >= 0, np.einsum("ijk,ijk->ij", diff, diff), np.inf)
-        return choices[rows, d2.argmin(1)]
+        # cell j is scanned when its half-space bound (|q - c_j|^2 - |q - c_1|^2 - error) / (2 |c_j - c_1|) is at most
+        # the candidate's distance, multiplied out (a cell with c_j = c_1, c_1's own included, always is). The query's
+        # distances and the keys' cell assignment were float32: their possible error, taken off the bound, is
+        # rounding * (2 |q|^2 + 2 max |k|^2 + |c_j|^2 + |c_1|^2), in a part of j and a part of the query
+        rounding = self.ROUNDING_PER_DIM * x.shape[1]
+        dist -= rounding * self.centroid_sq[None, :]
+        dist -= (dist[rows, first] + rounding * (2.0 * q_sq + 2.0 * self.key_sq_max + 2.0 * self.centroid_sq[first])
+                 )[:, None]
+        scan = dist <= 2.0 * bound_now[:, None] * self.centroid_gap[first]
+        # the (cell, query) pairs to scan, cell by cell (a cell scanned again is still in cache), and in each
+        # cell the run of keys in the query's shell; float64 rounding allowed for
+        cell, at = np.nonzero(scan.T)
+        to_centroid = q64[at] - self.centroids[cell].astype(np.float64)
+        centre = np.sqrt(np.einsum("ij,ij->i", to_centroid, to_centroid))
+        reach = bound_now[at] + 1e-9 * (centre + bound_now[at]) + self.shell_slack
+        begin = np.maximum(np.searchsorted(self.shell_key, cell * self.width + (centre - reach), "left"),
+                           self.start[cell])
+        end = np.minimum(np.searchsorted(self.shell_key, cell * self.width + (centre + reach), "right"),
+                         self.start[cell + 1])
+        keep = end > begin
+        at, begin, end = at[keep], begin[keep].tolist(), end[keep].tolist()
+        scorer = np.ones((len(at), x.shape[1] + 1), np.float32)  # [q - c_j, 1]
+        scorer[:, :-1] = to_centroid[keep]
+        best = np.empty(len(at), np.int64)
+        offsets = self.offsets
+        for pair, (b, e) in enumerate(zip(begin, end, strict=True)):
+            best[pair] = b + int(np.argmax(scorer[pair] @ offsets[:, b:e]))
+        # the float64 nearest of the candidate and each scanned run's best (the candidate first: it wins ties)
+        choices = np.concatenate([candidate, self.order[best]])
+        owner = np.concatenate([rows, at])
+        diff = self.keys[choices].astype(np.float64) - q64[owner]
+        by_owner = np.lexsort((np.einsum("ij,ij->i", diff, diff), owner))
+        first_of_owner = np.ones(len(by_owner), bool)
+        first_of_owner[1:] = owner[by_owner[1:]] != owner[by_owner[:-1]]
+        return choices[by_owner[first_of_owner]]
 
 
 class NearestDatasetAction:
@@ -411,7 +456,7 @@ class NearestDatasetAction:
             # the queries the lists leave open come with a candidate: the cells beside the tree (see _open_search)
             self.cells = VoronoiCells(host_keys)
             self.open_cost: dict[str, float] = {}  # seconds per open query of each, recent searches weighted more
-            self._open_searches = 0
+            self._since_retime = 0  # open searches since the slower of the two was last timed
         if search == "kdtree":
             # The tree holds the keys in their principal axes (`_in_principal_axes`). With sliding-midpoint
             # splits (balanced_tree=False) queries cost ~25% less than with scipy's default tree
@@ -468,25 +513,28 @@ class NearestDatasetAction:
         return self._in_shares(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, threads)
 
     OPEN_RETRY = 50
-    """The slower of the tree and the cells is timed again once in this many open searches."""
+    OPEN_RETRY_MAX = 1000
+    """The slower of the tree and the cells is timed again after OPEN_RETRY open searches times how many times
+    slower it was (at most OPEN_RETRY_MAX): the retiming costs about 1 / OPEN_RETRY of the search time, however
+    slow the other is (the tree took 3-6 times the cells' time on walker2d-medium)."""
 
     def _open_search(self, query: np.ndarray, candidate: np.ndarray, threads: int) -> np.ndarray:
         """The exact neighbours of queries the state neighbours left open, from the KD-tree or the Voronoi cells
-        (`VoronoiCells`), whichever took less time per query lately: the cells are about twice as fast where the
-        policy is far from 1M keys (walker2d-medium, hopper-medium), the tree on 100k keys. Both give the exact
-        neighbour (the same one, up to float64 ties), so the choice changes the speed, never the numbers."""
-        self._open_searches += 1
+        (`VoronoiCells`), whichever took less time per query lately: the cells are several times faster where the
+        policy is far from 1M keys (walker2d-medium, hopper-medium), the tree can be on 100k keys. Both give the
+        exact neighbour (the same one, up to float64 ties), so the choice changes the speed, never the numbers."""
+        self._since_retime += 1
         cost = self.open_cost
         if len(cost) < 2:
             method = "cells" if "cells" not in cost else "tree"
         else:
-            method = min(cost, key=cost.get)
-            if self._open_searches % self.OPEN_RETRY == 0:
-                method = "tree" if method == "cells" else "cells"
+            method, other = sorted(cost, key=cost.get)
+            since = self._since_retime
+            if since >= self.OPEN_RETRY_MAX or since * cost[method] >= self.OPEN_RETRY * cost[other]:
+                method, self._since_retime = other, 0
         start = time.perf_counter()
-        if method == "cells":
-            rows = np.arange(len(query))
-            out = self._in_shares(lambda share: self.cells.nearest(query[share], candidate[share]), rows, threads)
+        if method == "cells":  # on this thread alone: a second thread scanning beside it gained nothing (memory)
+            out = self.cells.nearest(query, candidate)
         else:
             out = self._tree_index(query, threads)
         per_query = (time.perf_counter() - start) / len(query)
