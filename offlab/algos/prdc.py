@@ -333,7 +333,8 @@ class VoronoiCells:
     last row -|r|^2 / 2), so a run's scores (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are one
     matrix-vector product over contiguous memory. That reads the keys about twice as fast as faiss's inverted-file
     scan, on one thread (`benchmarks/learner_speed.md`, session 27), and the offsets from the centroid keep float32's
-    rounding in the scores to the cell's scale.
+    rounding in the scores to the cell's scale. A run's best is picked by its float32 score, so a key whose score
+    ties it within float32 rounding could lose to it, as in faiss's float32 scan before.
     """
 
     ROUNDING_PER_DIM = 2.0**-22
