@@ -350,25 +350,26 @@ class VoronoiCells:
         self.centroid_gap = np.sqrt(np.maximum(self.centroid_sq[:, None] + self.centroid_sq[None, :]
                                                - 2.0 * cent @ cent.T, 0.0))
         self.key_sq_max = float(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max())
-        radius = np.empty(len(keys))  # |k - c_j|, float64
+        radius_sq = np.empty(len(keys))  # |k - c_j|^2, float64
         step = 65_536
         for i in range(0, len(keys), step):
             r = keys[i:i + step].astype(np.float64) - cent[cell_of[i:i + step]]
-            radius[i:i + step] = np.sqrt(np.einsum("ij,ij->i", r, r))
-        self.order = np.lexsort((radius, cell_of))  # key rows: cell by cell, nearest the centroid first
+            radius_sq[i:i + step] = np.einsum("ij,ij->i", r, r)
+        self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
         # one sorted float64 array for all cells' radii: cell j's at j * width + radius (width: more than any
         # radius and any shell's half-width can reach), so each shell's run is one vectorised searchsorted
+        radius_sq = radius_sq[self.order]
+        radius = np.sqrt(radius_sq)
         self.width = 2.0 * float(radius.max()) + 1.0
-        self.shell_key = cell_of[self.order] * self.width + radius[self.order]
+        self.shell_key = cell_of[self.order] * self.width + radius
         self.shell_slack = 4.0 * 2.0**-52 * cells * self.width  # the float64 rounding of j * width + radius
         self.offsets = np.empty((dim + 1, len(keys)), np.float32)  # [r; -|r|^2 / 2], r = key - its centroid
+        self.offsets[dim] = -0.5 * radius_sq
         for i in range(0, len(keys), step):
             rows = self.order[i:i + step]
-            r = keys[rows].astype(np.float64) - cent[cell_of[rows]]
-            self.offsets[:dim, i:i + step] = r.T
-            self.offsets[dim, i:i + step] = -0.5 * np.einsum("ij,ij->i", r, r)
+            self.offsets[:dim, i:i + step] = (keys[rows].astype(np.float64) - cent[cell_of[rows]]).T
 
     def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Row index of each query's nearest key, given a candidate key row for each (any key: the nearer it is,
