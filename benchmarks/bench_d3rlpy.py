@@ -17,7 +17,8 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   expectile 0.7, beta 3, max weight 100, reward scale 1000 / return range; PRDC alpha 2.5, beta 2,
   k 1; BC deterministic MSE), states standardised where the paper does (BC, TD3+BC, PRDC), CPU,
   `--threads` torch threads each (default one per core, both libraries' default; OMP/MKL_NUM_THREADS to
-  match; d3rlpy's PRDC index n_jobs=1). offlab runs under the OpenMP spin that `offlab fit` sets
+  match; d3rlpy's PRDC index n_jobs=1). offlab's PRDC, as under `offlab fit`, runs its neighbour search in a
+  worker process on one of those cores and torch on the rest (`side_cores`); its CPU includes that process. offlab runs under the OpenMP spin that `offlab fit` sets
   (`offlab.threads.openmp_defaults`), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
   as the training loop samples, each batch announced one update ahead as `offlab fit` does, which lets
@@ -245,10 +246,25 @@ def openmp_of(environ) -> str:
     return ",".join(chosen) or "libgomp default"
 
 
-def timed(fn, n: int) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
+def timed(fn, n: int, learner=None) -> tuple[float, float]:
+    """Wall and CPU seconds per item of `fn()`; the CPU includes the learner's worker process (PRDC's search)."""
+    from train_speed import process_and_helpers_cpu
+
+    t0, c0 = time.perf_counter(), process_and_helpers_cpu(learner)
     fn()
-    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+    return (time.perf_counter() - t0) / n, (process_and_helpers_cpu(learner) - c0) / n
+
+
+@contextlib.contextmanager
+def torch_threads_for(learner, cores: int):
+    """torch on the cores the learner leaves free, as `offlab fit` gives it (PRDC's search process keeps one
+    busy: `side_cores`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores - getattr(learner, "side_cores", 0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -317,7 +333,7 @@ def main() -> None:
 
     for name, learner in learners.items():
         t0 = time.perf_counter()
-        with mixed_precision("cpu", precision_of(name)):
+        with mixed_precision("cpu", precision_of(name)), torch_threads_for(learner, args.threads):
             for _ in range(args.warmup):
                 learner.update(data.sample(256, warm))
         print(f"offlab {name}: {args.warmup} warm-up updates in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -332,11 +348,13 @@ def main() -> None:
         if name.startswith("loop:"):  # the training loop's step: sample a batch, update
             learner = learners[name[5:]]
             feed = AnnouncedBatches(learner, lambda: data.sample(256, gen))  # as Trainer: one batch ahead
-            return timed(lambda: [learner.update(feed.take(i + 1 < args.steps)) for i in range(args.steps)],
-                         args.steps)
+            with torch_threads_for(learner, args.threads):
+                return timed(lambda: [learner.update(feed.take(i + 1 < args.steps)) for i in range(args.steps)],
+                             args.steps, learner)
         learner = learners[name]
-        with mixed_precision("cpu", precision_of(name)):  # each batch announced one update ahead, as in fit
-            return timed(lambda: update_on(learner, batches), args.steps)
+        # each batch announced one update ahead, as in fit
+        with mixed_precision("cpu", precision_of(name)), torch_threads_for(learner, args.threads):
+            return timed(lambda: update_on(learner, batches), args.steps, learner)
 
     def d3rlpy_round(name: str) -> tuple[float, float]:
         what = "sample" if name == "sample" else "fit" if name.startswith("loop:") else "update"

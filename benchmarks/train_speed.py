@@ -39,11 +39,19 @@ from offlab.data.store import Transitions  # noqa: E402
 from offlab.training import AnnouncedBatches  # noqa: E402
 
 
+def process_and_helpers_cpu(learner) -> float:
+    """CPU seconds of this process and of the learner's worker process, if it has one (PRDC's search process)."""
+    index = getattr(learner, "nearest_dataset_action", None)
+    process = getattr(index, "process", None)
+    return time.process_time() + (process.cpu_seconds() if process is not None else 0.0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="a stored dataset (OFFLAB_HOME)")
     p.add_argument("--algos", default="td3bc,prdc", help="the first is the reference of the ratios")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="cores: torch threads, less the cores a learner keeps busy beside them (PRDC's search process)")
     p.add_argument("--warmup", type=int, default=0, help="untimed updates per learner first")
     p.add_argument("--block", type=int, default=500, help="updates per block")
     p.add_argument("--blocks", type=int, default=12)
@@ -56,12 +64,16 @@ def main() -> None:
     ds = registry.get(args.dataset, download=False, build=False)
     data = Transitions(ds)
     spec = LearnerSpec.from_transitions(data, ds.card.env_id, args.dataset)
-    learners, batches = {}, {}
+    learners, batches, threads = {}, {}, {}
     for name in args.algos.split(","):
         cls = get_algo(name.split("@")[0])  # prdc@label: PRDC again, with its own --set prdc@label.key=value
         # this learner's `--set name.key=value`, typed and checked as `offlab fit --set` does
         settings = parse_assignments([item[len(name) + 1:] for item in args.set if item.startswith(f"{name}.")])
         learners[name] = cls(learner_config(cls, args.dataset, settings, seed=args.seed), spec, "cpu")
+        # as `offlab fit` with its thread count left to the machine: torch gets the cores a learner leaves free
+        # (PRDC's search process keeps one busy: `side_cores`)
+        threads[name] = max(1, args.threads - getattr(learners[name], "side_cores", 0))
+        torch.set_num_threads(threads[name])
         gen = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
         # each batch announced one update ahead (learner.lookahead), as `offlab fit` does
         batches[name] = AnnouncedBatches(learners[name], lambda gen=gen: data.sample(256, gen))
@@ -69,18 +81,19 @@ def main() -> None:
             learners[name].update(batches[name].take())
     first = next(iter(learners))
     openmp = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
-    print(f"{args.dataset}: {len(data):,} transitions; {args.threads} thread(s); OpenMP {openmp}; warm-up "
-          f"{args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
+    print(f"{args.dataset}: {len(data):,} transitions; {args.threads} core(s), torch threads {threads}; OpenMP "
+          f"{openmp}; warm-up {args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
 
     rows = []
     for b in range(args.blocks):
         row = {"updates": args.warmup + (b + 1) * args.block}
         for name, learner in learners.items():
-            t, c = time.perf_counter(), time.process_time()
+            torch.set_num_threads(threads[name])
+            t, c = time.perf_counter(), process_and_helpers_cpu(learner)
             for _ in range(args.block):
                 learner.update(batches[name].take())
             row[name] = {"wall_ms": (time.perf_counter() - t) / args.block * 1e3,
-                         "cpu_ms": (time.process_time() - c) / args.block * 1e3}
+                         "cpu_ms": (process_and_helpers_cpu(learner) - c) / args.block * 1e3}
         for name in learners:
             row[name]["wall_ratio"] = row[name]["wall_ms"] / row[first]["wall_ms"]
         rows.append(row)

@@ -33,6 +33,9 @@ def table(obs, action) -> Transitions:
 
 
 def make(data, **overrides) -> PRDC:
+    """A small PRDC searching in this process (the tests below look into its index); the search process has tests
+    of its own."""
+    overrides.setdefault("search_process", False)
     return PRDC(PRDCConfig(hidden=SMALL, **overrides), LearnerSpec.from_transitions(data))
 
 
@@ -478,16 +481,21 @@ def test_bad_settings_are_config_errors(hopper_random):
 
 
 @pytest.mark.parametrize("search", ["kdtree", "ivf"])
-def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random, search):
-    """Inline, beside the actor step's critic step, and begun one update early (the loop's lookahead): the
-    same neighbours, so the same networks bit for bit."""
+def test_overlapped_search_gives_the_same_training_as_the_inline_search(hopper_random, monkeypatch, search):
+    """Inline, beside the actor step's critic step, begun one update early (the loop's lookahead), and in the
+    search process: the same neighbours, so the same networks bit for bit."""
+    import offlab.algos.prdc as prdc_module
+
+    monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)  # the process needs a second core
     data = Transitions(hopper_random)
     g = torch.Generator().manual_seed(5)
     batches = [data.sample(64, g) for _ in range(12)]
     runs = []
-    for overlap, lookahead in ((False, False), (True, False), (True, True)):
-        learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap, nn_search=search),
+    for overlap, lookahead, process in ((False, False, False), (True, False, False), (True, True, False),
+                                        (True, True, True)):
+        learner = PRDC(PRDCConfig(hidden=SMALL, overlap_search=overlap, nn_search=search, search_process=process),
                        LearnerSpec.from_transitions(data))
+        assert (learner.nearest_dataset_action.process is not None) == process
         if lookahead:
             update_on(learner, batches)
             assert learner._early is None  # the last update announced nothing
@@ -524,7 +532,7 @@ def test_the_search_overlaps_critic_steps_only_when_torch_has_one_thread(hopper_
     import offlab.algos.prdc as prdc_module
 
     data = Transitions(hopper_random)
-    learner = PRDC(PRDCConfig(hidden=SMALL), LearnerSpec.from_transitions(data))
+    learner = make(data)
     index = learner.nearest_dataset_action
     seen, started = [], []
     critic_loss, start_search = prdc_module.td3_critic_loss, index.start_search
@@ -543,6 +551,43 @@ def test_the_search_overlaps_critic_steps_only_when_torch_has_one_thread(hopper_
         torch.set_num_threads(before)
     assert seen == [threads] * 4
     assert started == ([0, 2] if threads == 1 else [])  # the searches of updates 1 and 3 (the actor steps)
+
+
+def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clear_error(hopper_random,
+                                                                                         monkeypatch):
+    """With a second core the search runs in its own process (`side_cores` 1, so the loop gives torch one core
+    fewer), beside the critic steps whatever torch's thread count. If that process dies, the next search says so
+    and names the way out."""
+    import offlab.algos.prdc as prdc_module
+
+    data = Transitions(hopper_random)
+    monkeypatch.setattr(prdc_module, "usable_cores", lambda: 1)
+    assert make(data, search_process=True).nearest_dataset_action.process is None  # no core to spare
+    monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)
+    learner = make(data, search_process=True)
+    index = learner.nearest_dataset_action
+    assert learner.side_cores == 1 and index.process is not None and index.neighbours is None
+    started, start_search = [], index.start_search
+    monkeypatch.setattr(index, "start_search", lambda *a: started.append(learner.updates) or start_search(*a))
+    g = torch.Generator().manual_seed(0)
+    batches = [data.sample(64, g) for _ in range(5)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        update_on(learner, batches[:4])
+    finally:
+        torch.set_num_threads(before)
+    assert started == [0, 2]
+    # the same neighbours as the search in this process
+    s = learner.normalizer(batches[4].obs)
+    pi = learner.actor(s).detach()
+    inline = make(data).nearest_dataset_action
+    assert torch.equal(index.nearest_index(s, pi, batches[4].rows), inline.nearest_index(s, pi, batches[4].rows))
+    index.process._process.kill()
+    index.process._process.join()
+    with pytest.raises(RuntimeError, match="search process stopped .*search_process=false"):
+        index.nearest_index(s, pi, batches[4].rows)
+    assert make(data, search_process=False).side_cores == 0
 
 
 def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopper_random, monkeypatch):

@@ -105,6 +105,28 @@ def test_two_threads_give_the_same_numbers_twice(algo):
     assert got.tags["torch_threads"] == "2" and got.params["algo.hidden"] == "[256, 256]"
 
 
+def test_a_learner_with_a_core_of_its_own_gets_torch_on_one_core_fewer(monkeypatch):
+    """PRDC's search process keeps a core busy (`side_cores`): a run that leaves the thread count to the machine
+    gives torch the other cores; one that names its count gets it."""
+    import offlab.algos.prdc as prdc_module
+    from offlab.data import registry
+
+    monkeypatch.setattr(prdc_module, "usable_cores", lambda: 3)
+    monkeypatch.setattr(training, "usable_cores", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        for threads, algo, expected in ((0, "prdc", 2), (3, "prdc", 3), (0, "td3bc", before)):
+            trainer = training.Trainer(tiny_run(algo=algo, steps=4, online_steps=0, eval_episodes=0,
+                                                threads=threads), registry.get(TINY), torch.device("cpu"),
+                                       progress=False)
+            assert getattr(trainer.learner, "side_cores", 0) == (algo == "prdc")
+            assert torch.get_num_threads() == expected
+            trainer.close()
+            assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_checkpoint_taken_while_the_next_batch_is_announced_resumes_exactly():
     """The loop draws each offline batch one step early for a learner that takes announcements (PRDC starts
     that batch's neighbour search during the update before). A checkpoint stores the sampler as it was before

@@ -11,15 +11,19 @@ settings (PAPER_OVERRIDES) are the official repository's README run commands.
 Differs from the reference code:
 - The KD-tree query uses one thread (`workers=1`; the official code uses all cores, which only
   adds contention beside the networks' own threads), and the tree holds the keys rotated to their
-  principal axes (distances, hence neighbours, unchanged; the query costs less). It runs on a helper
-  thread while the critic steps (`overlap_search`) when torch runs on one thread: the critic step
-  leaves the actor unchanged, so the neighbours are the same, and on the free core the search costs
-  no wall time up to the length of a critic step. When the training loop announces the next batch
-  (`lookahead`), the search for an actor step begins in the critic-only update before it (the actor
-  is the same until then), so it runs beside two critic steps; if it outlasts them, the main thread
-  takes the queries not yet begun (they come in chunks, `SplitWork`). With several torch threads
-  the critic step already keeps the cores busy, and the search runs inline after it, its tree queries
-  shared out over as many threads as torch has (the official code's `workers=-1` uses every core too).
+  principal axes (distances, hence neighbours, unchanged; the query costs less).
+- The search runs beside the critic steps (`overlap_search`): the critic step leaves the actor unchanged,
+  so the neighbours are the same, and on a free core the search costs no wall time up to the length of a
+  critic step. When the training loop announces the next batch (`lookahead`), the search for an actor step
+  begins in the critic-only update before it (the actor is the same until then), so it runs beside two
+  critic steps. With two or more cores it runs in a worker process (`SearchProcess`, `search_process`), and
+  a training loop left to choose torch's thread count gives torch one core fewer (`side_cores`): a helper
+  thread would share the interpreter's lock with the critic step, whose torch ops then wait for it (a TD3+BC
+  update took 60% longer beside a search thread, 0-10% beside a search process; walker2d-medium, session
+  28). On one core, or with `search_process=false`: with one torch thread the search runs on a helper
+  thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
+  chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
+  many threads as torch has (the official code's `workers=-1` uses every core too).
 - Before the tree, each query asked at a dataset row tries that row's nearest dataset states
   (`StateNeighbours`, 128 found once per dataset and kept on disk; the first 32 first): when the
   nearest of their keys is nearer than any key off the list can be, it is the exact neighbour and the
@@ -50,7 +54,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,7 +83,7 @@ from offlab.nets import (
     stream_generator,
     take_step,
 )
-from offlab.threads import SplitWork, faiss_threads
+from offlab.threads import SplitWork, faiss_threads, usable_cores
 
 SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
@@ -117,7 +123,9 @@ class PRDCConfig:
     ivf_probe: int = 8
     """nn_search=ivf: cells searched per query, out of about sqrt(N); more is slower and closer to exact."""
     overlap_search: bool = True
-    """With one torch thread, run the host search (kdtree, ivf) in a helper thread while the critic steps (same results, faster)."""
+    """Run the host search (kdtree, ivf) beside the critic steps: in the search process, or on a helper thread when torch has one thread (same results, faster)."""
+    search_process: bool = True
+    """With 2+ cores, run the host search (kdtree, ivf) in a worker process beside the critic steps, with torch on one core fewer (same results, faster)."""
     state_neighbours: int = 128
     """kdtree: each dataset state's this many nearest states (4 bytes each per row: 512 MB for 1M rows) answer most queries without the tree (exact; 0: off)."""
 
@@ -145,14 +153,127 @@ PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 class PendingSearch:
-    """A host neighbour search under way (NearestDatasetAction.start_search)."""
+    """A host neighbour search under way (NearestDatasetAction.start_search): on helper threads (`SplitWork`, whose
+    remaining queries the calling thread takes when it asks) or in the search process (`SearchProcess`)."""
 
-    def __init__(self, work: SplitWork, device: torch.device):
-        self.work, self.device = work, device
+    def __init__(self, answer, device: torch.device):
+        self.answer, self.device = answer, device
 
     def result(self) -> torch.Tensor:
-        """The neighbours' row indices; the calling thread takes the queries not yet begun."""
-        return torch.from_numpy(np.concatenate(self.work.result())).to(self.device)
+        """The neighbours' row indices."""
+        if isinstance(self.answer, SplitWork):
+            return torch.from_numpy(np.concatenate(self.answer.result())).to(self.device)
+        return torch.from_numpy(self.answer.result()).to(self.device)
+
+
+class SearchProcess:
+    """The host search (`NearestDatasetAction` with kdtree or ivf: the state neighbours, the Voronoi cells, the
+    tree) in a worker process of its own, which answers one batch of queries at a time.
+
+    Why a process: a helper thread shares the interpreter's lock with the training step, and the search's many
+    small numpy calls hold it, so each torch op of the critic step beside it waits for the lock. On walker2d-medium
+    a TD3+BC update on one thread took 9.4 -> 15.5 ms with a search thread beside it, and 10.4-11.6 -> 10.7-11.3 ms
+    with the same search in a process (benchmarks/learner_speed.md, session 28). The process is started with
+    `spawn` (a fresh interpreter: no OpenMP or lock state forked from a running trainer), gets the normalised
+    states and actions once over a pipe, and builds the same index from them and from the caches on disk (which
+    the caller fills first, `NearestDatasetAction`), so its answers are the in-process search's. It ignores
+    Ctrl-C (the trainer stops it), and it exits when the trainer's end of the pipe closes, the trainer's death
+    included.
+    """
+
+    def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve_searches, args=(child,), name="prdc-search", daemon=True)
+        self._process.start()
+        child.close()
+        self._conn.send(settings | {"obs_shape": norm_obs.shape, "act_shape": actions.shape})
+        self._conn.send_bytes(np.ascontiguousarray(norm_obs, dtype=np.float32))
+        self._conn.send_bytes(np.ascontiguousarray(actions, dtype=np.float32))
+        self._asked = False  # a batch sent and its answer not yet read
+        weakref.finalize(self, SearchProcess._stop, self._conn, self._process)
+
+    def submit(self, query: np.ndarray, rows: np.ndarray | None) -> None:
+        """Send one batch of float32 queries (and the dataset row each was asked at, or None); `result` reads its
+        answer."""
+        if self._asked:  # an answer nobody read (the caller dropped a search): read it, so the next one is ours
+            self.result()
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        rows = np.full(len(query), -1, np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+        try:
+            self._conn.send_bytes(np.array([len(query)], np.int64).tobytes() + query.tobytes() + rows.tobytes())
+        except OSError as e:
+            raise self._stopped() from e
+        self._asked = True
+
+    def result(self) -> np.ndarray:
+        """The nearest key's row for each query of the batch sent last (waits for the process)."""
+        self._asked = False
+        try:
+            reply = self._conn.recv_bytes()
+        except (EOFError, OSError) as e:
+            raise self._stopped() from e
+        if reply[:1] != b"A":
+            raise RuntimeError(f"PRDC's search process failed: {reply[1:].decode()}")
+        return np.frombuffer(reply, np.int64, offset=8).copy()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the search process has used so far (Linux; 0.0 elsewhere): for benchmarks, whose process
+        time leaves it out."""
+        import os
+
+        try:
+            with open(f"/proc/{self._process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def _stopped(self) -> RuntimeError:
+        self._process.join(timeout=5)
+        return RuntimeError(f"PRDC's search process stopped (exit code {self._process.exitcode}; out of memory?); "
+                            f"--set search_process=false searches in the training process")
+
+    @staticmethod
+    def _stop(conn, process) -> None:
+        conn.close()  # the process sees the pipe close and returns
+        process.join(timeout=5)
+        if process.is_alive():
+            process.terminate()
+
+
+def _serve_searches(conn) -> None:
+    """The search process (`SearchProcess`): build the host index, then answer batches until the pipe closes.
+    Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
+    torch.set_num_threads(1)
+    try:
+        settings = conn.recv()
+        # writable copies: torch.from_numpy warns on a read-only buffer
+        norm_obs = np.frombuffer(conn.recv_bytes(), np.float32).reshape(settings.pop("obs_shape")).copy()
+        actions = np.frombuffer(conn.recv_bytes(), np.float32).reshape(settings.pop("act_shape")).copy()
+        index = NearestDatasetAction(torch.from_numpy(norm_obs), torch.from_numpy(actions),
+                                     device=torch.device("cpu"), **settings)
+        dim = norm_obs.shape[1] + actions.shape[1]
+    except Exception as e:  # noqa: BLE001 - any failure goes back to the trainer, which raises it
+        conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
+        return
+    while True:
+        try:
+            request = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        n = int(np.frombuffer(request, np.int64, 1)[0])
+        query = np.frombuffer(request, np.float32, n * dim, offset=8).reshape(n, dim)
+        rows = np.frombuffer(request, np.int64, n, offset=8 + 4 * n * dim)
+        try:
+            found = index._host_index(query, rows if (rows >= 0).any() else None)
+        except Exception as e:  # noqa: BLE001
+            conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
+            return
+        conn.send_bytes(b"A" + bytes(7) + found.astype(np.int64).tobytes())
 
 
 @dataclass
@@ -439,7 +560,8 @@ class NearestDatasetAction:
     many on (in shares of at least half as many)."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
-                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0):
+                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0,
+                 search_process: bool = False):
         self.beta = float(beta)
         self.search = search
         self.chunk_rows = chunk_rows
@@ -450,6 +572,17 @@ class NearestDatasetAction:
             host_keys = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.float32)
         self.neighbours: StateNeighbours | None = None
         self.cells: VoronoiCells | None = None
+        self.process: SearchProcess | None = None
+        if search_process and host_keys is not None:
+            # The process builds the index itself; what is kept on disk is made here first (the state
+            # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
+            if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
+                StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
+            if search == "ivf" or (state_neighbours > 0 and len(keys) > 1):
+                kmeans_partition(host_keys)
+            self.process = SearchProcess(norm_obs.cpu().numpy(), actions.cpu().numpy(), {
+                "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
+            return
         if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
             self.neighbours = StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
             self.keys32 = host_keys
@@ -592,6 +725,9 @@ class NearestDatasetAction:
         """Row index of each query's nearest dataset key, as a long tensor on the actions' device. `rows`, the
         dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
         query = self._query(norm_obs, action)
+        if self.process is not None:
+            self.process.submit(query.cpu().numpy(), self._host_rows(rows))
+            return torch.from_numpy(self.process.result()).to(self.actions.device)
         if self.on_host:
             threads = torch.get_num_threads()  # torch waits for the answer: its cores are free
             return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), threads)
@@ -600,9 +736,13 @@ class NearestDatasetAction:
 
     def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
                      ) -> PendingSearch:
-        """Begin a host search on the helper thread and return at once; `.result()` gives `nearest_index`'s
-        answer. The caller's thread takes the remaining queries when it asks (so both cores finish them)."""
+        """Begin a host search in the search process, or else on the helper thread, and return at once;
+        `.result()` gives `nearest_index`'s answer. On the helper thread, the caller's thread takes the remaining
+        queries when it asks (so both cores finish them)."""
         query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
+        if self.process is not None:
+            self.process.submit(query, host_rows)
+            return PendingSearch(self.process, self.actions.device)
         chunks = [(query[i:i + self.SPLIT_ROWS], None if host_rows is None else host_rows[i:i + self.SPLIT_ROWS])
                   for i in range(0, len(query), self.SPLIT_ROWS)]
         return PendingSearch(SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks),
@@ -657,15 +797,22 @@ class PRDC:
         # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
         # state, e.g. the MLflow pyfunc model) the learner can act but not update.
         self.nearest_dataset_action: NearestDatasetAction | None = None
+        self.side_cores = 0
+        """Cores the learner keeps busy beside torch's threads: 1 with the search process. A training loop left
+        to choose torch's thread count gives torch that many cores fewer."""
         if spec.data is not None:
             search = config.nn_search
             if search == "auto":
                 search = "exact" if self.device.type == "cuda" else "kdtree"
             with torch.no_grad():
                 norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
+            # the search process needs a core of its own beside torch's (see side_cores)
+            in_process = config.search_process and search in ("kdtree", "ivf") and usable_cores() >= 2
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
                                                                self.device, ivf_probe=config.ivf_probe,
-                                                               state_neighbours=config.state_neighbours)
+                                                               state_neighbours=config.state_neighbours,
+                                                               search_process=in_process)
+            self.side_cores = 1 if in_process else 0
             if search == "kdtree":
                 self._search_wait = []
 
@@ -681,12 +828,12 @@ class PRDC:
         if index is None:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
-        # The host search overlaps critic steps only when torch runs on one thread: the search then has a core
-        # of its own. With more, torch's critic step keeps every core busy and a search beside it would take a
-        # thread from it or contend with it; inline after the critic step it cost less on two cores
-        # (1.19-1.37x TD3+BC against 1.42-1.51x, benchmarks/d3rlpy_speed.md, session 21), and the torch
-        # thread count of every step stays the run's.
-        overlap = cfg.overlap_search and index.on_host and torch.get_num_threads() == 1
+        # The search process has a core of its own (`side_cores`) and shares no interpreter lock with torch: it
+        # always overlaps the critic steps. A helper thread overlaps them only when torch runs on one thread
+        # (the search then has a core of its own); with more, torch's critic step keeps every core busy and
+        # a search beside it would contend with it: inline after the critic step it cost less on two cores
+        # (1.19-1.37x TD3+BC against 1.42-1.51x, benchmarks/d3rlpy_speed.md, session 21).
+        overlap = cfg.overlap_search and index.on_host and (index.process is not None or torch.get_num_threads() == 1)
         pending = pi = s = None
         early, self._early = self._early, None
         if early is not None:
