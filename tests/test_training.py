@@ -249,6 +249,31 @@ def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupt
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
+def test_a_prdc_run_killed_with_its_search_process_resumes_to_the_numbers_of_an_uninterrupted_run():
+    """On two or more cores PRDC searches in a process of its own: a SIGKILL of the trainer leaves that process
+    nothing to serve (it exits), and the resumed run, with a new search process, ends with the numbers of a run
+    that was never stopped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = ["fit", "--dataset", TINY, "--algo", "prdc", "--steps", "600", "--eval-every", "0", "--set",
+            "hidden=64,64", "--set", "checkpoint_every=10", "--set", "dataset_quality=false", "--json"]
+    whole = subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    reference = json.loads(whole.stdout)["run_id"]
+    runs = Path(os.environ["OFFLAB_HOME"]) / "runs"
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run_id, killed_at = wait_for_checkpoint(proc, runs, {reference}, min_step=30)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_at < 600
+    done = subprocess.run(cli("fit", "--resume", run_id, "--json"), capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == 600
+    assert_same_tensors(final_state(reference)["learner"], final_state(run_id)["learner"])
+    assert MlflowClient().get_run(run_id).data.tags["torch_threads"] == \
+        MlflowClient().get_run(reference).data.tags["torch_threads"]
+
+
 def test_a_run_on_the_default_thread_count_resumes_on_the_count_it_started_with(monkeypatch):
     """threads 0 means the machine's default, one per core. A run resumed on a machine with more cores keeps the
     count it started with (tagged torch_threads), since its numbers depend on it; with fewer cores than that, it
