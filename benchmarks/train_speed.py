@@ -1,7 +1,7 @@
 """Wall and CPU time per update of offlab learners on a stored dataset, in interleaved blocks (run by hand).
 
     # PRDC against TD3+BC from initialisation on 1M walker2d transitions, blocks of 500 updates
-    python benchmarks/train_speed.py --dataset walker2d-medium --algos td3bc,prdc --threads 1 --blocks 12
+    python benchmarks/train_speed.py --dataset walker2d-medium --algos td3bc,prdc --threads 2 --blocks 12
     python benchmarks/train_speed.py --dataset walker2d-medium --set prdc.nn_search=ivf     # faiss's inverted file
     # one learner twice: PRDC with and without its state neighbours
     python benchmarks/train_speed.py --dataset hopper-medium --algos td3bc,prdc,prdc@tree \
@@ -9,6 +9,10 @@
     # one learner under an OpenMP setting (it must be in the environment before torch loads)
     GOMP_SPINCOUNT=10000 python benchmarks/train_speed.py --dataset bench-hopper-medium-100000 --algos td3bc \\
         --threads 2 --warmup 500 --block 300 --blocks 5
+
+`--threads` is the cores each learner gets: torch takes them less the cores the learner keeps busy beside torch
+(`side_cores`: PRDC's search process on a machine with two or more cores, as under `offlab fit`). For PRDC on one
+core, add `--set prdc.search_process=false`. PRDC's CPU time includes its search process.
 
 Each learner (its paper settings for the dataset) runs `--warmup` untimed updates, then the learners take turns,
 one block of `--block` updates each, so drift in the machine's speed reaches all of them alike. Printed per block:

@@ -113,13 +113,9 @@ def cached_arrays(folder: str, key: list, make: Callable[[], tuple]) -> tuple[tu
     A damaged file is computed again and replaced; a cache that cannot be written (read-only or full
     OFFLAB_HOME) is skipped, never an error.
     """
-    import hashlib
-    import json
-
     import numpy as np
 
-    name = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
-    path = home() / folder / f"{name}.npz"
+    path = cached_path(folder, key)
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -134,6 +130,14 @@ def cached_arrays(folder: str, key: list, make: Callable[[], tuple]) -> tuple[tu
     except OSError:
         pass
     return value, False
+
+
+def cached_path(folder: str, key: list) -> Path:
+    """Where `cached_arrays` keeps the value for `key` (it exists once a value was stored)."""
+    import hashlib
+    import json
+
+    return home() / folder / f"{hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()}.npz"
 
 
 def digest(*arrays: Any) -> str:

@@ -352,6 +352,10 @@ def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_rand
     from offlab.algos.prdc import StateNeighbours
 
     states = hopper_random.obs[:500]
+    assert not StateNeighbours.on_disk(states, 8)
+    built = StateNeighbours(states, 8)  # the default first stage: what `on_disk` (the search process's check) asks
+    assert not built.reused and StateNeighbours.on_disk(states, 8) and not StateNeighbours.on_disk(states, 7)
+    assert StateNeighbours(states, 8).reused
     first, again = StateNeighbours(states, 8, first=3), StateNeighbours(states, 8, first=3)
     other, other_stage = StateNeighbours(states, 4, first=3), StateNeighbours(states, 8, first=2)
     assert not first.reused and again.reused and not other.reused and not other_stage.reused

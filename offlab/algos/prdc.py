@@ -350,8 +350,20 @@ class StateNeighbours:
             return rows, radius
 
         (self.rows, radius), self.reused = paths.cached_arrays(
-            "prdc/state_neighbours", [self.CACHE_VERSION, paths.digest(states), list(states.shape), k, first], build)
+            "prdc/state_neighbours", self.cache_key(states, k, first), build)
         self.radius_first, self.radius = radius[:, 0], radius[:, 1]
+
+    @classmethod
+    def cache_key(cls, states: np.ndarray, k: int, first: int = FIRST) -> list:
+        """What the lists of `states` (float32) are kept on disk under: everything they depend on."""
+        k = max(1, min(k, len(states)))
+        return [cls.CACHE_VERSION, paths.digest(states), list(states.shape), k, max(1, min(k, first))]
+
+    @classmethod
+    def on_disk(cls, states: np.ndarray, k: int) -> bool:
+        """Whether the lists of `states` were found before and are kept on disk (nothing is read)."""
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        return paths.cached_path("prdc/state_neighbours", cls.cache_key(states, k)).is_file()
 
     @staticmethod
     def _listed(keys: np.ndarray, query: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -576,8 +588,10 @@ class NearestDatasetAction:
         if search_process and host_keys is not None:
             # The process builds the index itself; what is kept on disk is made here first (the state
             # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
-            if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
-                StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
+            states = norm_obs.cpu().numpy()
+            if search == "kdtree" and state_neighbours > 0 and len(keys) > 1 and \
+                    not StateNeighbours.on_disk(states, state_neighbours):
+                StateNeighbours(states, state_neighbours)
             if search == "ivf" or (state_neighbours > 0 and len(keys) > 1):
                 kmeans_partition(host_keys)
             self.process = SearchProcess(norm_obs.cpu().numpy(), actions.cpu().numpy(), {
