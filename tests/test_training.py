@@ -194,22 +194,29 @@ def wait_for_checkpoint(proc: subprocess.Popen, runs: Path, known: set[str], min
     raise AssertionError("no checkpoint appeared")
 
 
+def whole_and_killed(args: list[str], env: dict, min_step: int) -> tuple[str, str, int]:
+    """`offlab <args>` run to the end, then again SIGKILLed once a checkpoint of `min_step` or later is on disk:
+    (the whole run's id, the killed run's id, the killed run's checkpoint step)."""
+    whole = subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    reference = json.loads(whole.stdout)["run_id"]
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run_id, killed_at = wait_for_checkpoint(proc, Path(os.environ["OFFLAB_HOME"]) / "runs", {reference}, min_step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return reference, run_id, killed_at
+
+
 def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     args = ["fit", "--dataset", TINY, "--algo", "td3bc", "--steps", "200", "--online-steps", "200",
             "--eval-every", "100", "--eval-episodes", "2", "--set", "hidden=64,64", "--set", "checkpoint_every=10",
             "--set", "log_every=50", "--set", "dataset_quality=false", "--json"]
-    whole = subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=600)
-    assert whole.returncode == 0, whole.stderr
-    reference = json.loads(whole.stdout)["run_id"]
     runs = Path(os.environ["OFFLAB_HOME"]) / "runs"
-
-    # SIGKILL in the offline phase
-    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    run_id, killed_at = wait_for_checkpoint(proc, runs, {reference}, min_step=50)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and killed_at < 200
+    # an uninterrupted run, then the same run SIGKILLed in the offline phase
+    reference, run_id, killed_at = whole_and_killed(args, env, min_step=50)
+    assert killed_at < 200
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
 
     # resume, then Ctrl-C in the online phase (mid-episode, with a replay buffer)
@@ -256,14 +263,7 @@ def test_a_prdc_run_killed_with_its_search_process_resumes_to_the_numbers_of_an_
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     args = ["fit", "--dataset", TINY, "--algo", "prdc", "--steps", "600", "--eval-every", "0", "--set",
             "hidden=64,64", "--set", "checkpoint_every=10", "--set", "dataset_quality=false", "--json"]
-    whole = subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=600)
-    assert whole.returncode == 0, whole.stderr
-    reference = json.loads(whole.stdout)["run_id"]
-    runs = Path(os.environ["OFFLAB_HOME"]) / "runs"
-    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    run_id, killed_at = wait_for_checkpoint(proc, runs, {reference}, min_step=30)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    reference, run_id, killed_at = whole_and_killed(args, env, min_step=30)
     assert killed_at < 600
     done = subprocess.run(cli("fit", "--resume", run_id, "--json"), capture_output=True, text=True, env=env,
                           timeout=600)
