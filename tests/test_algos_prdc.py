@@ -568,6 +568,12 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     monkeypatch.setattr(prdc_module, "usable_cores", lambda: 1)
     assert make(data, search_process=True).nearest_dataset_action.process is None  # no core to spare
     monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)
+    import multiprocessing
+
+    with monkeypatch.context() as m:  # a daemonic process (a pool's worker) may not start one: it searches itself
+        m.setitem(multiprocessing.current_process()._config, "daemon", True)
+        daemonic = make(data, search_process=True)
+        assert daemonic.nearest_dataset_action.process is None and daemonic.side_cores == 0
     learner = make(data, search_process=True)
     index = learner.nearest_dataset_action
     assert learner.side_cores == 1 and index.process is not None and index.neighbours is None

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import multiprocessing
 import signal
 import time
 import weakref
@@ -182,8 +183,6 @@ class SearchProcess:
     """
 
     def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
-        import multiprocessing
-
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve_searches, args=(child,), name="prdc-search", daemon=True)
@@ -585,7 +584,8 @@ class NearestDatasetAction:
         self.neighbours: StateNeighbours | None = None
         self.cells: VoronoiCells | None = None
         self.process: SearchProcess | None = None
-        if search_process and host_keys is not None:
+        if search_process and host_keys is not None and not multiprocessing.current_process().daemon:
+            # (a daemonic process, e.g. a multiprocessing pool's worker, may not start one: it searches itself)
             # The process builds the index itself; what is kept on disk is made here first (the state
             # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
             states = norm_obs.cpu().numpy()
@@ -594,7 +594,7 @@ class NearestDatasetAction:
                 StateNeighbours(states, state_neighbours)
             if search == "ivf" or (state_neighbours > 0 and len(keys) > 1):
                 kmeans_partition(host_keys)
-            self.process = SearchProcess(norm_obs.cpu().numpy(), actions.cpu().numpy(), {
+            self.process = SearchProcess(states, actions.cpu().numpy(), {
                 "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
             return
         if search == "kdtree" and state_neighbours > 0 and len(keys) > 1:
@@ -826,7 +826,7 @@ class PRDC:
                                                                self.device, ivf_probe=config.ivf_probe,
                                                                state_neighbours=config.state_neighbours,
                                                                search_process=in_process)
-            self.side_cores = 1 if in_process else 0
+            self.side_cores = 1 if self.nearest_dataset_action.process is not None else 0
             if search == "kdtree":
                 self._search_wait = []
 
