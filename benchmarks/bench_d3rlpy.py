@@ -18,8 +18,8 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   k 1; BC deterministic MSE), states standardised where the paper does (BC, TD3+BC, PRDC), CPU,
   `--threads` torch threads each (default one per core, both libraries' default; OMP/MKL_NUM_THREADS to
   match; d3rlpy's PRDC index n_jobs=1). offlab's PRDC, as under `offlab fit`, runs its neighbour search in a
-  worker process on one of those cores and torch on the rest (`side_cores`); its CPU includes that process. offlab runs under the OpenMP spin that `offlab fit` sets
-  (`offlab.threads.openmp_defaults`), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
+  worker process on one of those cores and torch on the rest (`side_cores`); its CPU includes that process.
+  offlab runs under the OpenMP spin that `offlab fit` sets (`offlab.threads.openmp_defaults`), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
   as the training loop samples, each batch announced one update ahead as `offlab fit` does, which lets
   PRDC begin its next neighbour search early; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
@@ -55,7 +55,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 # offlab's side runs under the OpenMP spin `offlab fit` sets; d3rlpy's under libgomp's default, as its users
 # run it, unless the shell set a policy or spin count (then both get it) or --same-openmp is given
-from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, usable_cores  # noqa: E402
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, torch_threads_beside, usable_cores  # noqa: E402
 
 USER_OPENMP = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
 
@@ -260,7 +260,7 @@ def torch_threads_for(learner, cores: int):
     """torch on the cores the learner leaves free, as `offlab fit` gives it (PRDC's search process keeps one
     busy: `side_cores`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, cores - getattr(learner, "side_cores", 0)))
+    torch.set_num_threads(torch_threads_beside(learner, cores))
     try:
         yield
     finally:

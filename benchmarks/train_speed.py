@@ -29,7 +29,7 @@ import os
 import statistics
 import time
 
-from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, torch_threads_beside
 
 openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
 
@@ -76,7 +76,7 @@ def main() -> None:
         learners[name] = cls(learner_config(cls, args.dataset, settings, seed=args.seed), spec, "cpu")
         # as `offlab fit` with its thread count left to the machine: torch gets the cores a learner leaves free
         # (PRDC's search process keeps one busy: `side_cores`)
-        threads[name] = max(1, args.threads - getattr(learners[name], "side_cores", 0))
+        threads[name] = torch_threads_beside(learners[name], args.threads)
         torch.set_num_threads(threads[name])
         gen = torch.Generator().manual_seed(args.seed)  # every learner sees the same batches
         # each batch announced one update ahead (learner.lookahead), as `offlab fit` does

@@ -89,6 +89,12 @@ def openmp_defaults(environ=os.environ) -> None:
     environ.setdefault("KMP_BLOCKTIME", BLOCK_TIME_MS)  # LLVM/Intel OpenMP
 
 
+def torch_threads_beside(learner, cores: int) -> int:
+    """torch's thread count on `cores` cores beside `learner`, which keeps its `side_cores` of them busy (PRDC's
+    search process): at least one."""
+    return max(1, cores - getattr(learner, "side_cores", 0))
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a container's or taskset's share, not the host's count."""
     try:

@@ -60,7 +60,7 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import BATCHES, EXPLORATION, mixed_precision, stream_generator
-from offlab.threads import usable_cores
+from offlab.threads import torch_threads_beside, usable_cores
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -423,9 +423,8 @@ class Trainer:
         self.spec = LearnerSpec.from_transitions(self.data, self.env_id, run.dataset)
         cfg = learner_config(self.algo_cls, run.dataset, run.algo_settings, seed=run.seed)
         self.learner = self.algo_cls(cfg, self.spec, device)
-        side_cores = getattr(self.learner, "side_cores", 0)
-        if side_cores and not run.threads:  # a learner that keeps a core busy beside torch (PRDC's search process)
-            torch.set_num_threads(max(1, usable_cores() - side_cores))
+        if getattr(self.learner, "side_cores", 0) and not run.threads:  # a core kept busy beside torch (PRDC)
+            torch.set_num_threads(torch_threads_beside(self.learner, usable_cores()))
         self.sampler = stream_generator(run.seed, BATCHES)
         rows = getattr(self.learner, "training_rows", None)
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)

@@ -58,6 +58,7 @@ import multiprocessing
 import signal
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -155,16 +156,15 @@ PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
 
 class PendingSearch:
     """A host neighbour search under way (NearestDatasetAction.start_search): on helper threads (`SplitWork`, whose
-    remaining queries the calling thread takes when it asks) or in the search process (`SearchProcess`)."""
+    remaining queries the calling thread takes when it asks) or in the search process (`SearchProcess`).
+    `answer()` waits for the rows as a numpy array."""
 
-    def __init__(self, answer, device: torch.device):
+    def __init__(self, answer: Callable[[], np.ndarray], device: torch.device):
         self.answer, self.device = answer, device
 
     def result(self) -> torch.Tensor:
         """The neighbours' row indices."""
-        if isinstance(self.answer, SplitWork):
-            return torch.from_numpy(np.concatenate(self.answer.result())).to(self.device)
-        return torch.from_numpy(self.answer.result()).to(self.device)
+        return torch.from_numpy(self.answer()).to(self.device)
 
 
 class SearchProcess:
@@ -330,8 +330,7 @@ class StateNeighbours:
 
     def __init__(self, states: np.ndarray, k: int, first: int = FIRST):
         states = np.ascontiguousarray(states, dtype=np.float32)
-        self.k = k = max(1, min(k, len(states)))
-        self.first = first = max(1, min(k, first))
+        self.k, self.first = k, first = self._sizes(len(states), k, first)
         self.obs_dim = states.shape[1]
 
         def build():
@@ -352,11 +351,17 @@ class StateNeighbours:
             "prdc/state_neighbours", self.cache_key(states, k, first), build)
         self.radius_first, self.radius = radius[:, 0], radius[:, 1]
 
+    @staticmethod
+    def _sizes(rows: int, k: int, first: int) -> tuple[int, int]:
+        """The list length and first stage kept for `rows` states: at least 1, at most the states (the stage at
+        most the list)."""
+        k = max(1, min(k, rows))
+        return k, max(1, min(k, first))
+
     @classmethod
     def cache_key(cls, states: np.ndarray, k: int, first: int = FIRST) -> list:
         """What the lists of `states` (float32) are kept on disk under: everything they depend on."""
-        k = max(1, min(k, len(states)))
-        return [cls.CACHE_VERSION, paths.digest(states), list(states.shape), k, max(1, min(k, first))]
+        return [cls.CACHE_VERSION, paths.digest(states), list(states.shape), *cls._sizes(len(states), k, first)]
 
     @classmethod
     def on_disk(cls, states: np.ndarray, k: int) -> bool:
@@ -584,8 +589,7 @@ class NearestDatasetAction:
         self.neighbours: StateNeighbours | None = None
         self.cells: VoronoiCells | None = None
         self.process: SearchProcess | None = None
-        if search_process and host_keys is not None and not multiprocessing.current_process().daemon:
-            # (a daemonic process, e.g. a multiprocessing pool's worker, may not start one: it searches itself)
+        if search_process and host_keys is not None:
             # The process builds the index itself; what is kept on disk is made here first (the state
             # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
             states = norm_obs.cpu().numpy()
@@ -756,11 +760,11 @@ class NearestDatasetAction:
         query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
         if self.process is not None:
             self.process.submit(query, host_rows)
-            return PendingSearch(self.process, self.actions.device)
+            return PendingSearch(self.process.result, self.actions.device)
         chunks = [(query[i:i + self.SPLIT_ROWS], None if host_rows is None else host_rows[i:i + self.SPLIT_ROWS])
                   for i in range(0, len(query), self.SPLIT_ROWS)]
-        return PendingSearch(SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks),
-                             self.actions.device)
+        work = SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks)
+        return PendingSearch(lambda: np.concatenate(work.result()), self.actions.device)
 
     def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -820,13 +824,15 @@ class PRDC:
                 search = "exact" if self.device.type == "cuda" else "kdtree"
             with torch.no_grad():
                 norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
-            # the search process needs a core of its own beside torch's (see side_cores)
-            in_process = config.search_process and search in ("kdtree", "ivf") and usable_cores() >= 2
+            # the search process needs a core of its own beside torch's (see side_cores); a daemonic process (a
+            # multiprocessing pool's worker) may not start one, and searches itself
+            in_process = (config.search_process and search in ("kdtree", "ivf") and usable_cores() >= 2
+                          and not multiprocessing.current_process().daemon)
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
                                                                self.device, ivf_probe=config.ivf_probe,
                                                                state_neighbours=config.state_neighbours,
                                                                search_process=in_process)
-            self.side_cores = 1 if self.nearest_dataset_action.process is not None else 0
+            self.side_cores = 1 if in_process else 0
             if search == "kdtree":
                 self._search_wait = []
 
