@@ -4,7 +4,11 @@ point under the key [beta * s, a], found by an exact index over the whole datase
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from offlab.algos.prdc import PRDC, NearestDatasetAction, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
+from offlab.threads import usable_cores
 from offlab.training import update_on
 
 SMALL = (64, 64)
@@ -570,10 +575,11 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)
     import multiprocessing
 
-    with monkeypatch.context() as m:  # a daemonic process (a pool's worker) may not start one: it searches itself
-        m.setitem(multiprocessing.current_process()._config, "daemon", True)
+    with monkeypatch.context() as m:  # a daemonic process (a pool's worker), which multiprocessing lets start no
+        m.setitem(multiprocessing.current_process()._config, "daemon", True)  # children of its own, starts it too
         daemonic = make(data, search_process=True)
-        assert daemonic.nearest_dataset_action.process is None and daemonic.side_cores == 0
+        assert daemonic.nearest_dataset_action.process is not None and daemonic.side_cores == 1
+        del daemonic
     learner = make(data, search_process=True)
     index = learner.nearest_dataset_action
     assert learner.side_cores == 1 and index.process is not None and index.neighbours is None
@@ -594,10 +600,39 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     inline = make(data).nearest_dataset_action
     assert torch.equal(index.nearest_index(s, pi, batches[4].rows), inline.nearest_index(s, pi, batches[4].rows))
     index.process._process.kill()
-    index.process._process.join()
+    index.process._process.wait()
     with pytest.raises(RuntimeError, match="search process stopped .*search_process=false"):
         index.nearest_index(s, pi, batches[4].rows)
     assert make(data, search_process=False).side_cores == 0
+
+
+def test_a_script_without_a_main_guard_trains_prdc_with_its_search_process(tmp_path, cli_env):
+    """The search process is a fresh interpreter that imports offlab alone: a script that builds and trains PRDC at
+    import time, with no `if __name__ == "__main__":` guard (multiprocessing's spawn would run it again in the
+    child, which then fails), trains once and exits cleanly."""
+    if usable_cores() < 2:
+        pytest.skip("the search process needs a second core")
+    script = tmp_path / "train_prdc.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import torch
+        from offlab.algos.base import LearnerSpec
+        from offlab.algos.prdc import PRDC, PRDCConfig
+        from offlab.data.store import Transitions
+        from offlab.training import update_on
+        from tests.helpers import make_sim_dataset
+
+        data = Transitions(make_sim_dataset("Hopper-v5", steps=300, seed=0, name="hopper-script"))
+        learner = PRDC(PRDCConfig(hidden=(32, 32)), LearnerSpec.from_transitions(data))
+        assert learner.nearest_dataset_action.process is not None
+        g = torch.Generator().manual_seed(0)
+        update_on(learner, [data.sample(32, g) for _ in range(6)])
+        print("trained", learner.updates)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["trained 6"]
 
 
 def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopper_random, monkeypatch):

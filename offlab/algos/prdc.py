@@ -39,10 +39,10 @@ Differs from the reference code:
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
   neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
   dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
-  core, where the inverted file takes about 40 ms and returns the exact neighbour for >= 99.6% of
-  queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
+  core for the tree, 0.1-0.2 s with the state neighbours and the cells, where the inverted file takes
+  about 40 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
   With several torch threads an inline search's queries are shared out over them, as the tree's.
-  The default stays exact: when the exact search keeps actor steps 501-520 waiting 0.25 s or more,
+  The default stays exact: when the exact search keeps actor steps 501-520 waiting 0.03 s or more,
   the learner leaves a notice that names `ivf` (`notices`, printed once by the training loop).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
   never disagree about normalisation.
@@ -54,12 +54,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -174,25 +179,42 @@ class SearchProcess:
     Why a process: a helper thread shares the interpreter's lock with the training step, and the search's many
     small numpy calls hold it, so each torch op of the critic step beside it waits for the lock. On walker2d-medium
     a TD3+BC update on one thread took 9.4 -> 15.5 ms with a search thread beside it, and 10.4-11.6 -> 10.7-11.3 ms
-    with the same search in a process (benchmarks/learner_speed.md, session 28). The process is started with
-    `spawn` (a fresh interpreter: no OpenMP or lock state forked from a running trainer), gets the normalised
-    states and actions once over a pipe, and builds the same index from them and from the caches on disk (which
-    the caller fills first, `NearestDatasetAction`), so its answers are the in-process search's. It ignores
-    Ctrl-C (the trainer stops it), and it exits when the trainer's end of the pipe closes, the trainer's death
-    included.
+    with the same search in a process (benchmarks/learner_speed.md, session 28). The process is a fresh
+    interpreter (`python -c`: no OpenMP or lock state forked from a running trainer) holding its end of a socket
+    pair; unlike multiprocessing's `spawn` it never imports the caller's `__main__`, so a script without an
+    `if __name__ == "__main__":` guard works, and a multiprocessing pool's (daemonic) worker may start it. It gets
+    the normalised states and actions once over the socket, and builds the same index from them and from the
+    caches on disk (which the caller fills first, `NearestDatasetAction`), so its answers are the in-process
+    search's. It ignores Ctrl-C (the trainer stops it), and it exits when the trainer's end of the socket closes,
+    the trainer's death included.
     """
 
     def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve_searches, args=(child,), name="prdc-search", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn.send(settings | {"obs_shape": norm_obs.shape, "act_shape": actions.shape})
-        self._conn.send_bytes(np.ascontiguousarray(norm_obs, dtype=np.float32))
-        self._conn.send_bytes(np.ascontiguousarray(actions, dtype=np.float32))
-        self._asked = False  # a batch sent and its answer not yet read
+        ours, theirs = socket.socketpair()
+        # offlab from where this process has it, whatever the child's working directory and sys.path
+        package_root = str(Path(__file__).resolve().parents[2])
+        code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.path.insert(0, {package_root!r}); "
+                f"from offlab.algos.prdc import _serve_searches; _serve_searches({theirs.fileno()})")
+        try:
+            self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
+                                             stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
         weakref.finalize(self, SearchProcess._stop, self._conn, self._process)
+        self._asked = False  # a batch sent and its answer not yet read
+        try:
+            self._conn.send(settings | {"obs_shape": norm_obs.shape, "act_shape": actions.shape})
+            self._conn.send_bytes(np.ascontiguousarray(norm_obs, dtype=np.float32))
+            self._conn.send_bytes(np.ascontiguousarray(actions, dtype=np.float32))
+        except OSError as e:
+            raise self._stopped() from e
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform can start it: a POSIX system (it inherits its end of a socket pair) and a known
+        Python executable."""
+        return os.name == "posix" and bool(sys.executable)
 
     def submit(self, query: np.ndarray, rows: np.ndarray | None) -> None:
         """Send one batch of float32 queries (and the dataset row each was asked at, or None); `result` reads its
@@ -221,8 +243,6 @@ class SearchProcess:
     def cpu_seconds(self) -> float:
         """CPU seconds the search process has used so far (Linux; 0.0 elsewhere): for benchmarks, whose process
         time leaves it out."""
-        import os
-
         try:
             with open(f"/proc/{self._process.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
@@ -231,23 +251,27 @@ class SearchProcess:
             return 0.0
 
     def _stopped(self) -> RuntimeError:
-        self._process.join(timeout=5)
-        return RuntimeError(f"PRDC's search process stopped (exit code {self._process.exitcode}; out of memory?); "
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=5)
+        return RuntimeError(f"PRDC's search process stopped (exit code {self._process.returncode}; out of memory?); "
                             f"--set search_process=false searches in the training process")
 
     @staticmethod
     def _stop(conn, process) -> None:
-        conn.close()  # the process sees the pipe close and returns
-        process.join(timeout=5)
-        if process.is_alive():
-            process.terminate()
+        conn.close()  # the process sees the socket close and returns
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-def _serve_searches(conn) -> None:
-    """The search process (`SearchProcess`): build the host index, then answer batches until the pipe closes.
-    Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
+def _serve_searches(fd: int) -> None:
+    """The search process (`SearchProcess`), on its end `fd` of the socket pair: build the host index, then answer
+    batches until the trainer's end closes. Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
     torch.set_num_threads(1)
+    conn = Connection(fd)
     try:
         settings = conn.recv()
         # writable copies: torch.from_numpy warns on a read-only buffer
@@ -776,14 +800,16 @@ class NearestDatasetAction:
 class PRDC:
     name: ClassVar[str] = "prdc"
     Config: ClassVar[type] = PRDCConfig
-    SLOW_SEARCH_S: ClassVar[float] = 0.25
-    """An exact KD-tree search that keeps the actor step waiting this long (mean over `TIMED_SEARCHES` after the
-    first `UNTIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`: far from the data the
-    exact search over 1M keys takes 0.6-1 s per actor step (halfcheetah, alpha 40)."""
+    SLOW_SEARCH_S: ClassVar[float] = 0.03
+    """An exact search that keeps the actor step waiting this long (mean over `TIMED_SEARCHES` after the first
+    `UNTIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`. With the search process beside
+    two critic steps, actor steps 501-700 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
+    halfcheetah-medium (alpha 40: the policy stays far from the data), where PRDC took 10x TD3+BC's time per update
+    (benchmarks/learner_speed.md, session 29)."""
     UNTIMED_SEARCHES: ClassVar[int] = 500
     """Actor steps before the timing: the freshly initialised policy is far from the data everywhere (walker2d's
     first actor steps wait as long as halfcheetah's, 0.36 against 0.39 s), and only a policy that stays far
-    needs the advice (after 1,000 updates: about 0.06 s on walker2d, 0.6 s or more on halfcheetah)."""
+    needs the advice."""
     TIMED_SEARCHES: ClassVar[int] = 20
 
     def __init__(self, config: PRDCConfig, spec: LearnerSpec, device: torch.device | str = "cpu"):
@@ -824,10 +850,9 @@ class PRDC:
                 search = "exact" if self.device.type == "cuda" else "kdtree"
             with torch.no_grad():
                 norm_obs = self.normalizer(spec.data.obs.to(self.device)).cpu()
-            # the search process needs a core of its own beside torch's (see side_cores); a daemonic process (a
-            # multiprocessing pool's worker) may not start one, and searches itself
+            # the search process needs a core of its own beside torch's (see side_cores)
             in_process = (config.search_process and search in ("kdtree", "ivf") and usable_cores() >= 2
-                          and not multiprocessing.current_process().daemon)
+                          and SearchProcess.available())
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
                                                                self.device, ivf_probe=config.ivf_probe,
                                                                state_neighbours=config.state_neighbours,
@@ -916,10 +941,10 @@ class PRDC:
         if mean >= self.SLOW_SEARCH_S:
             self.notices.append(
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
-                f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean:.2f} s each on average (the policy "
-                f"stays far from the data); --set nn_search=ivf, faiss's approximate "
-                f"inverted file, found the exact neighbour for 98-100% of such queries and took PRDC's updates on "
-                f"halfcheetah-medium from 324 to 18.5 ms (benchmarks/learner_speed.md)")
+                f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average (the "
+                f"policy stays far from the data); --set nn_search=ivf, faiss's approximate inverted file, found "
+                f"the exact neighbour for 98-100% of such queries and took PRDC's updates on halfcheetah-medium "
+                f"from 66 to 18 ms, against TD3+BC's 6 ms (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
         """The batch the next `update` will get (the training loop announces it before the current update):
