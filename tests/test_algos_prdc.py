@@ -4,6 +4,7 @@ point under the key [beta * s, a], found by an exact index over the whole datase
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -601,8 +602,14 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     assert torch.equal(index.nearest_index(s, pi, batches[4].rows), inline.nearest_index(s, pi, batches[4].rows))
     index.process._process.kill()
     index.process._process.wait()
-    with pytest.raises(RuntimeError, match="search process stopped .*search_process=false"):
+    with pytest.raises(RuntimeError, match=r"search process stopped \(killed by SIGKILL; out of memory\?\); "
+                                           r"--set search_process=false"):
         index.nearest_index(s, pi, batches[4].rows)
+    # a process that cannot start (here an interpreter that exits at once): the same error, at the latest at
+    # the first search
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.raises(RuntimeError, match=r"search process stopped \(exit code 1; .*search_process=false"):
+        make(data, search_process=True).nearest_dataset_action.nearest_index(s, pi, batches[4].rows)
     assert make(data, search_process=False).side_cores == 0
 
 

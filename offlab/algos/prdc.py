@@ -253,8 +253,13 @@ class SearchProcess:
     def _stopped(self) -> RuntimeError:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(timeout=5)
-        return RuntimeError(f"PRDC's search process stopped (exit code {self._process.returncode}; out of memory?); "
-                            f"--set search_process=false searches in the training process")
+        code = self._process.returncode
+        if code is not None and code < 0:  # a signal: the kernel's out-of-memory killer sends SIGKILL
+            how = f"killed by {signal.Signals(-code).name}" + ("; out of memory?" if -code == signal.SIGKILL else "")
+        else:
+            how = f"exit code {code}; its error, if it printed one, is above"
+        return RuntimeError(f"PRDC's search process stopped ({how}); --set search_process=false searches in the "
+                            f"training process")
 
     @staticmethod
     def _stop(conn, process) -> None:
