@@ -40,7 +40,8 @@ Differs from the reference code:
   neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
   dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
   core for the tree, 0.1-0.2 s with the state neighbours and the cells, where the inverted file takes
-  about 40 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
+  about 40 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther
+  (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
   With several torch threads an inline search's queries are shared out over them, as the tree's.
   The default stays exact: when the exact search keeps actor steps 501-520 waiting 0.03 s or more,
   the learner leaves a notice that names `ivf` (`notices`, printed once by the training loop).
@@ -191,9 +192,11 @@ class SearchProcess:
 
     def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
         ours, theirs = socket.socketpair()
-        # offlab from where this process has it, whatever the child's working directory and sys.path
+        # Ctrl-C reaches the whole process group, the child too, from its first import on: the trainer handles it.
+        # offlab is imported from where this process has it, whatever the child's working directory and sys.path.
         package_root = str(Path(__file__).resolve().parents[2])
-        code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.path.insert(0, {package_root!r}); "
+        code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                f"sys.path.insert(0, {package_root!r}); "
                 f"from offlab.algos.prdc import _serve_searches; _serve_searches({theirs.fileno()})")
         try:
             self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
@@ -274,7 +277,6 @@ class SearchProcess:
 def _serve_searches(fd: int) -> None:
     """The search process (`SearchProcess`), on its end `fd` of the socket pair: build the host index, then answer
     batches until the trainer's end closes. Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
     torch.set_num_threads(1)
     conn = Connection(fd)
     try:
@@ -808,7 +810,7 @@ class PRDC:
     SLOW_SEARCH_S: ClassVar[float] = 0.03
     """An exact search that keeps the actor step waiting this long (mean over `TIMED_SEARCHES` after the first
     `UNTIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`. With the search process beside
-    two critic steps, actor steps 501-700 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
+    two critic steps, actor steps 500-1,000 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
     halfcheetah-medium (alpha 40: the policy stays far from the data), where PRDC took 10x TD3+BC's time per update
     (benchmarks/learner_speed.md, session 29)."""
     UNTIMED_SEARCHES: ClassVar[int] = 500
