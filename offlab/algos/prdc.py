@@ -773,10 +773,9 @@ class NearestDatasetAction:
                       ) -> torch.Tensor:
         """Row index of each query's nearest dataset key, as a long tensor on the actions' device. `rows`, the
         dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
-        query = self._query(norm_obs, action)
         if self.process is not None:
-            self.process.submit(query.cpu().numpy(), self._host_rows(rows))
-            return torch.from_numpy(self.process.result()).to(self.actions.device)
+            return self.start_search(norm_obs, action, rows).result()
+        query = self._query(norm_obs, action)
         if self.on_host:
             threads = torch.get_num_threads()  # torch waits for the answer: its cores are free
             return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), threads)
