@@ -4,16 +4,20 @@ the GIL in their kernels, so two such computations run on two cores), and faiss'
 Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models
 beside the neighbour searches). One pool per purpose and process, created on first use.
 
-Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`).
+Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`), and the command
+of a fresh interpreter for work in a process of its own (`fresh_interpreter`: PRDC's search process, the dataset
+builder's workers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 _POOLS: dict[str, tuple[ThreadPoolExecutor, int]] = {}
@@ -118,3 +122,17 @@ def faiss_threads(n: int):
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def fresh_interpreter(statement: str) -> list[str]:
+    """The command line of a fresh Python that runs `statement`, with offlab importable from where this process
+    has it (whatever the child's working directory and sys.path).
+
+    Unlike multiprocessing's `spawn`, the child never imports the caller's `__main__`: a script that trains or
+    builds at import time, without an `if __name__ == "__main__":` guard, is not run again in it (where it would
+    fail trying to start processes of its own). And a daemonic process, such as a multiprocessing pool's worker,
+    may start it. The child ignores Ctrl-C from its first line on, before its imports: Ctrl-C reaches the whole
+    process group, and the caller, which gets it too, stops its children."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    return [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"sys.path.insert(0, {package_root!r}); {statement}"]

@@ -34,6 +34,32 @@ def test_same_name_steps_and_seed_give_the_same_hash_whatever_the_workers():
     assert a.card.source["simulator"]["mujoco"] == mujoco.__version__  # the hash holds under this simulator
 
 
+@needs_hopper
+def test_a_script_without_a_main_guard_builds_with_two_workers_once(tmp_path, cli_env):
+    """The build's workers are fresh interpreters that import offlab alone: a script that builds a dataset at
+    import time, with no `if __name__ == "__main__":` guard (multiprocessing's spawn ran it again in every worker,
+    which then failed), builds it once, the same as one worker does."""
+    script = tmp_path / "build_data.py"
+    script.write_text(
+        "from offlab.data import build\n"
+        "ds = build.build_dataset('hopper-medium', steps=600, seed=2, workers=2, store_as='two-workers')\n"
+        "print('built', len(ds), ds.card.content_hash)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = build.build_dataset("hopper-medium", steps=600, seed=2, workers=1, store_as="one-worker")
+    assert done.stdout.splitlines() == [f"built 600 {one.card.content_hash}"]
+
+
+def test_a_failed_build_worker_is_one_clear_error(monkeypatch):
+    """A worker that dies (here an interpreter that exits at once) stops the build with one line naming the way
+    out, and the other workers are stopped."""
+    import shutil
+
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.raises(OfflabError, match=r"a dataset build worker stopped \(exit code 1; .*--workers 1"):
+        build.rollout("Hopper-v5", [build.Part(build.PolicySource("uniform"), 600)], seed=0, workers=2)
+
+
 _LOGP_PROBE = """
 import hashlib
 from offlab.data import build

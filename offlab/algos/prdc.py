@@ -65,7 +65,6 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -91,7 +90,7 @@ from offlab.nets import (
     stream_generator,
     take_step,
 )
-from offlab.threads import SplitWork, faiss_threads, usable_cores
+from offlab.threads import SplitWork, faiss_threads, fresh_interpreter, usable_cores
 
 SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
@@ -182,8 +181,9 @@ class SearchProcess:
     a TD3+BC update on one thread took 9.4 -> 15.5 ms with a search thread beside it, and 10.4-11.6 -> 10.7-11.3 ms
     with the same search in a process (benchmarks/learner_speed.md, session 28). The process is a fresh
     interpreter (`python -c`: no OpenMP or lock state forked from a running trainer) holding its end of a socket
-    pair; unlike multiprocessing's `spawn` it never imports the caller's `__main__`, so a script without an
-    `if __name__ == "__main__":` guard works, and a multiprocessing pool's (daemonic) worker may start it. It gets
+    pair (`threads.fresh_interpreter`: unlike multiprocessing's `spawn` it never imports the caller's `__main__`, so
+    a script without an `if __name__ == "__main__":` guard works, and a multiprocessing pool's worker may start
+    it). It gets
     the normalised states and actions once over the socket, and builds the same index from them and from the
     caches on disk (which the caller fills first, `NearestDatasetAction`), so its answers are the in-process
     search's. It ignores Ctrl-C (the trainer stops it), and it exits when the trainer's end of the socket closes,
@@ -192,15 +192,10 @@ class SearchProcess:
 
     def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
         ours, theirs = socket.socketpair()
-        # Ctrl-C reaches the whole process group, the child too, from its first import on: the trainer handles it.
-        # offlab is imported from where this process has it, whatever the child's working directory and sys.path.
-        package_root = str(Path(__file__).resolve().parents[2])
-        code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-                f"sys.path.insert(0, {package_root!r}); "
-                f"from offlab.algos.prdc import _serve_searches; _serve_searches({theirs.fileno()})")
         try:
-            self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
-                                             stdin=subprocess.DEVNULL)
+            self._process = subprocess.Popen(
+                fresh_interpreter(f"from offlab.algos.prdc import _serve_searches; _serve_searches({theirs.fileno()})"),
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())

@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +300,59 @@ def _run_group(env_id: str, env_kwargs: dict, part: Part, seed: int, part_index:
     return out
 
 
+def _run_groups_in_workers(tasks: list[tuple], workers: int, done: Callable[[tuple], Any]) -> list:
+    """`_run_group(*task)` of each task, in up to `workers` worker processes at once, in task order (`done(task)`
+    after each, in that order).
+
+    Each worker is a fresh interpreter (`threads.fresh_interpreter`, not multiprocessing's `spawn`, which would
+    import the caller's `__main__` again: a script that builds a dataset at import time, with no `if __name__ ==
+    "__main__":` guard, would run again in every worker). The task and its streams go through pickle files in a
+    private temporary folder. Ctrl-C, or a worker's failure, stops the others."""
+    import subprocess
+    import tempfile
+    from collections import deque
+
+    from offlab.threads import fresh_interpreter
+
+    results, queue, running = [], deque(enumerate(tasks)), deque()
+    with tempfile.TemporaryDirectory(prefix="offlab-build-") as folder:
+        def start_next() -> None:
+            if queue:
+                i, task = queue.popleft()
+                job = Path(folder) / f"group{i}"
+                job.with_suffix(".task").write_bytes(pickle.dumps(task))
+                statement = f"from offlab.data.build import _run_group_file; _run_group_file({str(job)!r})"
+                running.append((task, job, subprocess.Popen(fresh_interpreter(statement), stdin=subprocess.DEVNULL)))
+
+        try:
+            for _ in range(workers):
+                start_next()
+            while running:
+                task, job, worker = running[0]
+                if worker.wait() != 0:
+                    raise OfflabError(f"a dataset build worker stopped (exit code {worker.returncode}; its error, if "
+                                      "it printed one, is above); --workers 1 builds in this process")
+                running.popleft()
+                results.append(pickle.loads(job.with_suffix(".out").read_bytes()))
+                done(task)
+                start_next()
+        finally:
+            for _, _, worker in running:
+                worker.kill()
+                worker.wait()
+    return results
+
+
+def _run_group_file(job: str) -> None:
+    """A build worker's work (`_run_groups_in_workers`): `_run_group` of the task pickled at `<job>.task`, its
+    streams pickled to `<job>.out` (written whole, then renamed)."""
+    job_path = Path(job)
+    streams = _run_group(*pickle.loads(job_path.with_suffix(".task").read_bytes()))
+    partial = job_path.with_suffix(".partial")
+    partial.write_bytes(pickle.dumps(streams, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(partial, job_path.with_suffix(".out"))
+
+
 def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwargs: dict | None = None,
             progress: Callable[[int], None] | None = None, episode_quota: int | None = None
             ) -> dict[str, np.ndarray]:
@@ -314,20 +366,18 @@ def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwa
         budgets = _part_budgets(part, max_episode_steps)
         for g in range(0, STREAMS, GROUP):
             tasks.append((env_id, env_kwargs, part, seed, pi, list(range(g, g + GROUP)), budgets, episode_quota))
+
+    def report(task: tuple) -> None:  # a group is done: its streams' step budgets
+        if progress:
+            progress(sum(task[6][s] for s in task[5]))
+
     if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_group, *task) for task in tasks]
-            results = []
-            for f, task in zip(futures, tasks, strict=True):
-                results.append(f.result())
-                if progress:
-                    progress(sum(task[6][s] for s in task[5]))
+        results = _run_groups_in_workers(tasks, workers, report)
     else:
         results = []
         for task in tasks:
             results.append(_run_group(*task))
-            if progress:
-                progress(sum(task[6][s] for s in task[5]))
+            report(task)
     streams = [s for group in results for s in group if len(s["reward"])]
     offset = 0
     for s in streams:
