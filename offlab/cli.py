@@ -366,8 +366,8 @@ def fit_cmd(
                 lo, hi = est["ci"]
                 console.print(f"  ope/{name}: {est['value']:.2f} [{lo:.2f}, {hi:.2f}]"
                               + (f", normalised {norm:.1f}" if norm is not None else ""))
-    if result.interrupted:
-        raise typer.Exit(130)
+    if result.interrupted:  # the stop was reported above: no "interrupted" line from main()
+        sys.exit(130)
 
 
 @app.command("algos")
@@ -700,6 +700,8 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
+    if code == 130:  # typer returns Ctrl-C in a command (KeyboardInterrupt) as exit code 130
+        err_console.print("interrupted")
     if isinstance(code, int) and code:
         sys.exit(code)
 

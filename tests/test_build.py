@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,47 @@ def test_a_failed_build_worker_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(sys, "executable", shutil.which("false"))
     with pytest.raises(OfflabError, match=r"a dataset build worker stopped \(exit code 1; .*--workers 1"):
         build.rollout("Hopper-v5", [build.Part(build.PolicySource("uniform"), 600)], seed=0, workers=2)
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from /proc (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@needs_hopper
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the workers through /proc")
+def test_ctrl_c_stops_a_two_worker_build_and_its_workers_and_leaves_nothing(cli_env, isolated_stores, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during `offlab data build` with two workers:
+    exit code 130 and "interrupted", the workers gone, no dataset and no temporary folder left."""
+    import signal
+    import time
+
+    env = cli_env | {"TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    cli = subprocess.Popen([sys.executable, "-m", "offlab.cli", "data", "build", "hopper-medium", "--steps", "400000",
+                            "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_children(cli.pid)) < 2 and time.monotonic() < deadline and cli.poll() is None:
+        time.sleep(0.2)
+    workers = _children(cli.pid)
+    assert len(workers) == 2, "the build's two workers did not start"
+    time.sleep(1.0)  # the workers are rolling out
+    os.killpg(cli.pid, signal.SIGINT)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-1000:]
+    for pid in workers:  # killed and reaped by the CLI
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    assert not (isolated_stores / "datasets" / "hopper-medium").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 _LOGP_PROBE = """

@@ -234,7 +234,7 @@ def test_resume_after_sigkill_and_ctrl_c_ends_with_the_numbers_of_an_uninterrupt
     assert f"run '{run_id}' is being trained by another process" in twice.stderr
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130 and "interrupted" not in err, err  # the stop is in the JSON, told once
     stopped = json.loads(out)
     assert stopped["interrupted"] and 270 <= stopped["step"] < 400
     assert final_state(run_id)["step"] == stopped["step"]
