@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 _POOLS: dict[str, tuple[ThreadPoolExecutor, int]] = {}
@@ -125,14 +124,14 @@ def faiss_threads(n: int):
 
 
 def fresh_interpreter(statement: str) -> list[str]:
-    """The command line of a fresh Python that runs `statement`, with offlab importable from where this process
-    has it (whatever the child's working directory and sys.path).
+    """The command line of a fresh Python that runs `statement` with this process's `sys.path` (as multiprocessing
+    gives its children), so it imports offlab and its dependencies from where this process does.
 
     Unlike multiprocessing's `spawn`, the child never imports the caller's `__main__`: a script that trains or
     builds at import time, without an `if __name__ == "__main__":` guard, is not run again in it (where it would
     fail trying to start processes of its own). And a daemonic process, such as a multiprocessing pool's worker,
     may start it. The child ignores Ctrl-C from its first line on, before its imports: Ctrl-C reaches the whole
     process group, and the caller, which gets it too, stops its children."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    path = [os.fspath(p) for p in sys.path]
     return [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-            f"sys.path.insert(0, {package_root!r}); {statement}"]
+            f"sys.path[:] = {path!r}; {statement}"]
