@@ -290,7 +290,7 @@ def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_t
     import faiss
 
     from offlab import paths
-    from offlab.algos.prdc import kmeans_cells
+    from offlab.algos.prdc import kmeans_cells, kmeans_on_disk
 
     rng = np.random.default_rng(3)
     keys = rng.normal(size=(6000, 5)).astype(np.float32)
@@ -299,8 +299,10 @@ def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_t
     trained.train(keys)
     trained.add(keys)
     store = paths.home() / "prdc" / "kmeans_cells"
+    assert not kmeans_on_disk(keys)
     first = kmeans_cells(keys)
     assert len(list(store.glob("*.npz"))) == 1
+    assert kmeans_on_disk(keys) and not kmeans_on_disk(keys[:5000])
     stamp = next(store.glob("*.npz")).stat().st_mtime_ns
     again = kmeans_cells(keys)
     assert next(store.glob("*.npz")).stat().st_mtime_ns == stamp  # read back, not trained again

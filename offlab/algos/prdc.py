@@ -183,11 +183,10 @@ class SearchProcess:
     interpreter (`python -c`: no OpenMP or lock state forked from a running trainer) holding its end of a socket
     pair (`threads.fresh_interpreter`: unlike multiprocessing's `spawn` it never imports the caller's `__main__`, so
     a script without an `if __name__ == "__main__":` guard works, and a multiprocessing pool's worker may start
-    it). It gets
-    the normalised states and actions once over the socket, and builds the same index from them and from the
-    caches on disk (which the caller fills first, `NearestDatasetAction`), so its answers are the in-process
-    search's. It ignores Ctrl-C (the trainer stops it), and it exits when the trainer's end of the socket closes,
-    the trainer's death included.
+    it). It gets the normalised states and actions once over the socket, and builds the same index from them and
+    from the caches on disk (which the caller fills first, `NearestDatasetAction`), so its answers are the
+    in-process search's. It ignores Ctrl-C (the trainer stops it), and it exits when the trainer's end of the
+    socket closes, the trainer's death included.
     """
 
     def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
@@ -444,7 +443,7 @@ def kmeans_partition(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     dim = keys.shape[1]
-    cells = max(1, min(round(math.sqrt(len(keys))), len(keys) // 39))
+    cells = _kmeans_cell_count(len(keys))
 
     def train():
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
@@ -454,9 +453,23 @@ def kmeans_partition(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             cell_of = index.quantizer.assign(keys, 1)[:, 0]  # what index.add would file each key under
         return index.quantizer.reconstruct_n(0, cells), cell_of
 
-    (centroids, cell_of), _ = paths.cached_arrays(
-        "prdc/kmeans_cells", [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), cells], train)
+    (centroids, cell_of), _ = paths.cached_arrays("prdc/kmeans_cells", _kmeans_cache_key(keys), train)
     return np.ascontiguousarray(centroids, dtype=np.float32), np.ascontiguousarray(cell_of, dtype=np.int64)
+
+
+def _kmeans_cell_count(rows: int) -> int:
+    """About sqrt(N) cells, with the >= 39 training points per cell faiss's k-means asks for."""
+    return max(1, min(round(math.sqrt(rows)), rows // 39))
+
+
+def _kmeans_cache_key(keys: np.ndarray) -> list:
+    """What `kmeans_partition` of the float32 `keys` is kept on disk under: everything it depends on."""
+    return [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), _kmeans_cell_count(len(keys))]
+
+
+def kmeans_on_disk(keys: np.ndarray) -> bool:
+    """Whether `kmeans_partition` of the float32 `keys` was computed before and is kept on disk (nothing is read)."""
+    return paths.cached_path("prdc/kmeans_cells", _kmeans_cache_key(keys)).is_file()
 
 
 def kmeans_cells(keys: np.ndarray):
@@ -622,7 +635,7 @@ class NearestDatasetAction:
             if search == "kdtree" and state_neighbours > 0 and len(keys) > 1 and \
                     not StateNeighbours.on_disk(states, state_neighbours):
                 StateNeighbours(states, state_neighbours)
-            if search == "ivf" or (state_neighbours > 0 and len(keys) > 1):
+            if (search == "ivf" or (state_neighbours > 0 and len(keys) > 1)) and not kmeans_on_disk(host_keys):
                 kmeans_partition(host_keys)
             self.process = SearchProcess(states, actions.cpu().numpy(), {
                 "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
