@@ -61,6 +61,20 @@ def test_a_failed_build_worker_is_one_clear_error(monkeypatch):
         build.rollout("Hopper-v5", [build.Part(build.PolicySource("uniform"), 600)], seed=0, workers=2)
 
 
+def test_without_a_python_executable_the_workers_build_in_this_process(monkeypatch):
+    """Where sys.executable is unknown (an embedded interpreter) no worker can start: the groups run in this
+    process, with the data of a build in two workers."""
+    part = [build.Part(build.PolicySource("uniform"), 600)]
+    in_workers = build.rollout("Hopper-v5", part, seed=0, workers=2)
+    make_env("Hopper-v5").close()  # mujoco's import asks sys.executable about glfw's library: import it first
+    monkeypatch.setattr(build, "_run_groups_in_workers", lambda *a: pytest.fail("started workers"))
+    monkeypatch.setattr(sys, "executable", "")
+    here = build.rollout("Hopper-v5", part, seed=0, workers=2)
+    assert in_workers.keys() == here.keys()
+    for name, column in in_workers.items():
+        np.testing.assert_array_equal(column, here[name], err_msg=name)
+
+
 def _children(pid: int) -> list[int]:
     """The live child processes of `pid`, from /proc (Linux)."""
     found = []

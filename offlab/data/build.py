@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,7 +372,9 @@ def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwa
         if progress:
             progress(sum(task[6][s] for s in task[5]))
 
-    if workers > 1 and len(tasks) > 1:
+    # workers are fresh interpreters (sys.executable); an embedding that has none (an empty sys.executable) builds
+    # here, with the same content hash
+    if workers > 1 and len(tasks) > 1 and sys.executable:
         results = _run_groups_in_workers(tasks, workers, report)
     else:
         results = []
