@@ -634,6 +634,11 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     pi = learner.actor(s).detach()
     inline = make(data).nearest_dataset_action
     assert torch.equal(index.nearest_index(s, pi, batches[4].rows), inline.nearest_index(s, pi, batches[4].rows))
+    # and without the state neighbours (the cells from each row's own key, in the process)
+    without_lists = make(data, search_process=True, state_neighbours=0).nearest_dataset_action
+    assert without_lists.process is not None
+    assert torch.equal(without_lists.nearest_index(s, pi, batches[4].rows), inline.nearest_index(s, pi, batches[4].rows))
+    del without_lists
     index.process._process.kill()
     index.process._process.wait()
     with pytest.raises(RuntimeError, match=r"search process stopped \(killed by SIGKILL; out of memory\?\); "
