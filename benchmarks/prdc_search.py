@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from offlab.algos.base import LearnerSpec
-from offlab.algos.prdc import PRDC, NearestDatasetAction, PRDCConfig
+from offlab.algos.prdc import PRDC, PRDCConfig
 from offlab.data import registry
 from offlab.data.store import Transitions
+from offlab.neighbours import NearestDatasetAction
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from offlab.algos.base import LearnerSpec
-from offlab.algos.prdc import PRDC, NearestDatasetAction, PRDCConfig
+from offlab.algos.prdc import PRDC, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
+from offlab.neighbours import NearestDatasetAction
 from offlab.threads import usable_cores
 from offlab.training import update_on
 
@@ -145,7 +146,7 @@ def test_the_whole_list_settles_what_its_first_states_leave_open():
     (any other key is at least 2 away); its first stage only state 0 (radius 0: it certifies nothing). Asked
     at row 0: action 0.5 keeps (0, 0) at 0.5 and the whole list certifies it; action 1.6 finds (1, 0.5) at
     1.49 in the second stage, certified; action 5 finds (1, 0.5) at 4.6, above 2, and the tree finds (3, 5)."""
-    from offlab.algos.prdc import StateNeighbours
+    from offlab.neighbours import StateNeighbours
 
     learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.0, 5.0]), beta=1.0, normalize_states=False,
                    state_neighbours=3)
@@ -168,7 +169,7 @@ def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first, ope
     row: the answer with the state neighbours is the brute-force argmin, as without them, whether the Voronoi
     cells or the tree settle the queries the lists leave open. first=4: most queries go on to the second stage
     (the whole list of 16)."""
-    from offlab.algos.prdc import StateNeighbours
+    from offlab.neighbours import StateNeighbours
 
     data = Transitions(hopper_random)
     learner = make(data, beta=2.0, state_neighbours=16)
@@ -235,23 +236,23 @@ def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(
     """With torch on n threads the search runs inline (nothing beside it), so the queries left to the tree (or
     the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours are
     the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
-    import offlab.algos.prdc as prdc_module
+    import offlab.neighbours as neighbours_module
 
     data = Transitions(hopper_random)
-    # without state neighbours every query goes to the tree
+    # without state neighbours, and asked at no row, every query goes to the tree
     index = make(data, beta=2.0, state_neighbours=0, nn_search=search).nearest_dataset_action
     gen = torch.Generator().manual_seed(3)
     s = torch.randn(100, data.obs.shape[1], generator=gen)
     a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
     alone = index.nearest_index(s, a)
     shares = []
-    split_work = prdc_module.SplitWork
+    split_work = neighbours_module.SplitWork
 
     def counted(purpose, fn, chunks, helpers=1):
         shares.append(([len(c) for c in chunks], helpers))
         return split_work(purpose, fn, chunks, helpers)
 
-    monkeypatch.setattr(prdc_module, "SplitWork", counted)
+    monkeypatch.setattr(neighbours_module, "SplitWork", counted)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -290,7 +291,7 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     """The cells scanned are those whose half-space bound is below the candidate's distance: from the true
     neighbour, from a random key or from the farthest one (then nearly every cell), near the data and far from
     it, the answer is the float64 brute-force argmin."""
-    from offlab.algos.prdc import VoronoiCells
+    from offlab.neighbours import VoronoiCells
 
     rng = np.random.default_rng(5)
     centres = rng.normal(0, 3, size=(20, 6))
@@ -322,7 +323,7 @@ def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_t
     import faiss
 
     from offlab import paths
-    from offlab.algos.prdc import kmeans_cells, kmeans_on_disk
+    from offlab.neighbours import kmeans_cells, kmeans_on_disk
 
     rng = np.random.default_rng(3)
     keys = rng.normal(size=(6000, 5)).astype(np.float32)
@@ -361,10 +362,10 @@ def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_reti
     OPEN_RETRY searches times how much slower it was (at most OPEN_RETRY_MAX). The neighbours never depend on it."""
     import types
 
-    from offlab.algos import prdc
+    from offlab import neighbours
 
     clock = iter(range(10**6))  # every search takes 1 ms of this clock: the cells' cost stays 1 ms per query
-    monkeypatch.setattr(prdc, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 1e-3))
+    monkeypatch.setattr(neighbours, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 1e-3))
     learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 5.0]), beta=1.0, normalize_states=False,
                    state_neighbours=2)
     index = learner.nearest_dataset_action
@@ -389,7 +390,7 @@ def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_reti
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
-    from offlab.algos.prdc import StateNeighbours
+    from offlab.neighbours import StateNeighbours
 
     states = hopper_random.obs[:500]
     assert not StateNeighbours.on_disk(states, 8)

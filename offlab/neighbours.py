@@ -1,0 +1,680 @@
+"""Exact nearest neighbours of state-action keys among a dataset's: PRDC's dataset constraint.
+
+`NearestDatasetAction` finds, for queries [beta * s, a], the nearest dataset key [beta * s_i, a_i] (k = 1) and
+returns a_i. On the host it is exact at every step and as fast as the keys allow:
+- `StateNeighbours`: each dataset row's nearest states, found once and kept on disk, settle most queries asked at a
+  row when the policy is near the data, with a certificate that no key off the list can be nearer;
+- `VoronoiCells`: the queries they leave open (or all queries asked at a row, without the lists) scan only the
+  k-means cells, and the shells of them, that can hold a nearer key than their candidate;
+- a scipy KD-tree over the keys in their principal axes takes the rest (queries asked at no row);
+- `SearchProcess`: with a core to spare, all of this runs in a process of its own beside the training step.
+On CUDA an exact chunked search runs on the device; `ivf` (faiss's inverted file) is the opt-in approximate search.
+The measurements behind each choice are in benchmarks/learner_speed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from offlab import paths
+from offlab.threads import SplitWork, faiss_threads, fresh_interpreter
+
+
+class PendingSearch:
+    """A host neighbour search under way (NearestDatasetAction.start_search): on helper threads (`SplitWork`, whose
+    remaining queries the calling thread takes when it asks) or in the search process (`SearchProcess`).
+    `answer()` waits for the rows as a numpy array."""
+
+    def __init__(self, answer: Callable[[], np.ndarray], device: torch.device):
+        self.answer, self.device = answer, device
+
+    def result(self) -> torch.Tensor:
+        """The neighbours' row indices."""
+        return torch.from_numpy(self.answer()).to(self.device)
+
+
+class SearchProcess:
+    """The host search (`NearestDatasetAction` with kdtree or ivf: the state neighbours, the Voronoi cells, the
+    tree) in a worker process of its own, which answers one batch of queries at a time.
+
+    Why a process: a helper thread shares the interpreter's lock with the training step, and the search's many
+    small numpy calls hold it, so each torch op of the critic step beside it waits for the lock. On walker2d-medium
+    a TD3+BC update on one thread took 9.4 -> 15.5 ms with a search thread beside it, and 10.4-11.6 -> 10.7-11.3 ms
+    with the same search in a process (benchmarks/learner_speed.md, session 28). The process is a fresh
+    interpreter (`python -c`: no OpenMP or lock state forked from a running trainer) holding its end of a socket
+    pair (`threads.fresh_interpreter`: unlike multiprocessing's `spawn` it never imports the caller's `__main__`, so
+    a script without an `if __name__ == "__main__":` guard works, and a multiprocessing pool's worker may start
+    it). It gets the normalised states and actions once over the socket, and builds the same index from them and
+    from the caches on disk (which the caller fills first, `NearestDatasetAction`), so its answers are the
+    in-process search's. It ignores Ctrl-C (the trainer stops it), and it exits when the trainer's end of the
+    socket closes, the trainer's death included.
+    """
+
+    def __init__(self, norm_obs: np.ndarray, actions: np.ndarray, settings: dict[str, Any]):
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = subprocess.Popen(
+                fresh_interpreter(f"from offlab.neighbours import _serve_searches; _serve_searches({theirs.fileno()})"),
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        weakref.finalize(self, SearchProcess._stop, self._conn, self._process)
+        self._asked = False  # a batch sent and its answer not yet read
+        try:
+            self._conn.send(settings | {"obs_shape": norm_obs.shape, "act_shape": actions.shape})
+            self._conn.send_bytes(np.ascontiguousarray(norm_obs, dtype=np.float32))
+            self._conn.send_bytes(np.ascontiguousarray(actions, dtype=np.float32))
+        except OSError as e:
+            raise self._stopped() from e
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform can start it: a POSIX system (it inherits its end of a socket pair) and a known
+        Python executable."""
+        return os.name == "posix" and bool(sys.executable)
+
+    def submit(self, query: np.ndarray, rows: np.ndarray | None) -> None:
+        """Send one batch of float32 queries (and the dataset row each was asked at, or None); `result` reads its
+        answer."""
+        if self._asked:  # an answer nobody read (the caller dropped a search): read it, so the next one is ours
+            self.result()
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        rows = np.full(len(query), -1, np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+        try:
+            self._conn.send_bytes(np.array([len(query)], np.int64).tobytes() + query.tobytes() + rows.tobytes())
+        except OSError as e:
+            raise self._stopped() from e
+        self._asked = True
+
+    def result(self) -> np.ndarray:
+        """The nearest key's row for each query of the batch sent last (waits for the process)."""
+        self._asked = False
+        try:
+            reply = self._conn.recv_bytes()
+        except (EOFError, OSError) as e:
+            raise self._stopped() from e
+        if reply[:1] != b"A":
+            raise RuntimeError(f"PRDC's search process failed: {reply[1:].decode()}")
+        return np.frombuffer(reply, np.int64, offset=8).copy()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the search process has used so far (Linux; 0.0 elsewhere): for benchmarks, whose process
+        time leaves it out."""
+        try:
+            with open(f"/proc/{self._process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def _stopped(self) -> RuntimeError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=5)
+        code = self._process.returncode
+        if code is not None and code < 0:  # a signal: the kernel's out-of-memory killer sends SIGKILL
+            how = f"killed by {signal.Signals(-code).name}" + ("; out of memory?" if -code == signal.SIGKILL else "")
+        else:
+            how = f"exit code {code}; its error, if it printed one, is above"
+        return RuntimeError(f"PRDC's search process stopped ({how}); --set search_process=false searches in the "
+                            f"training process")
+
+    @staticmethod
+    def _stop(conn, process) -> None:
+        conn.close()  # the process sees the socket close and returns
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _serve_searches(fd: int) -> None:
+    """The search process (`SearchProcess`), on its end `fd` of the socket pair: build the host index, then answer
+    batches until the trainer's end closes. Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
+    torch.set_num_threads(1)
+    conn = Connection(fd)
+    try:
+        settings = conn.recv()
+        # writable copies: torch.from_numpy warns on a read-only buffer
+        norm_obs = np.frombuffer(conn.recv_bytes(), np.float32).reshape(settings.pop("obs_shape")).copy()
+        actions = np.frombuffer(conn.recv_bytes(), np.float32).reshape(settings.pop("act_shape")).copy()
+        index = NearestDatasetAction(torch.from_numpy(norm_obs), torch.from_numpy(actions),
+                                     device=torch.device("cpu"), **settings)
+        dim = norm_obs.shape[1] + actions.shape[1]
+    except Exception as e:  # noqa: BLE001 - any failure goes back to the trainer, which raises it
+        conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
+        return
+    while True:
+        try:
+            request = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        n = int(np.frombuffer(request, np.int64, 1)[0])
+        query = np.frombuffer(request, np.float32, n * dim, offset=8).reshape(n, dim)
+        rows = np.frombuffer(request, np.int64, n, offset=8 + 4 * n * dim)
+        try:
+            found = index._host_index(query, rows if (rows >= 0).any() else None)
+        except Exception as e:  # noqa: BLE001
+            conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
+            return
+        conn.send_bytes(b"A" + bytes(7) + found.astype(np.int64).tobytes())
+
+
+def _in_principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, rotation (the covariance's eigenvectors) and the float64 points `x` in their principal axes,
+    (x - mean) @ rotation: a rotation keeps every distance (so the neighbours are the same, up to float64 rounding)
+    while a KD-tree's axis-aligned splits cut the correlated locomotion states better. The covariance is one
+    product of the centred points (np.cov copies and transposes them: 1.6 s against 0.05 s for 1M x 23)."""
+    mean = x.mean(axis=0)
+    centred = x - mean
+    if len(x) < 2:
+        return mean, np.eye(x.shape[1]), centred
+    rotation = np.linalg.eigh(centred.T @ centred / (len(x) - 1))[1]
+    return mean, rotation, centred @ rotation
+
+
+def _build_progress(rows: int):
+    """A progress bar on stderr for building the state neighbours of a large dataset; nothing for a small one."""
+    if rows < 200_000:
+        return contextlib.nullcontext(lambda n: None)
+    from offlab.progress import progress_bar
+
+    return progress_bar("PRDC: nearest states of each dataset row (once per dataset)", rows)
+
+
+class StateNeighbours:
+    """Each dataset row's `k` nearest dataset states (Euclidean, in the index's normalised states), nearest
+    first, found once with a KD-tree over the states and kept on disk (OFFLAB_HOME/prdc/state_neighbours, keyed
+    by a digest of the states and k).
+
+    What they certify: a query q = [beta * s, a] asked at dataset row i, with e = |s - s_i| (0 when s is row
+    i's state). Every key j off the first m states of row i's list has |s_i - s_j| >= r_i(m), the distance to
+    its m-th state, so |q - key_j| >= beta * |s - s_j| >= beta * (r_i(m) - e). When the nearest of those m
+    keys is nearer than that, it is the nearest of all keys: the tree is not needed. Near the data, where
+    PRDC's constraint keeps the policy, the nearest key's state is among a few nearest states.
+
+    Two stages: every query first looks at the `FIRST` nearest states (cheap, and enough for most queries once
+    the policy is near the data); only the queries those leave open look at the whole list, whose larger
+    radius settles most of the rest. The tree gets what is left.
+    """
+
+    CACHE_VERSION = 2
+    FIRST = 32
+    """States of the first stage (all of them when k is smaller)."""
+
+    def __init__(self, states: np.ndarray, k: int, first: int = FIRST):
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        self.k, self.first = k, first = self._sizes(len(states), k, first)
+        self.obs_dim = states.shape[1]
+
+        def build():
+            x = _in_principal_axes(states.astype(np.float64))[2]  # as the key tree (see NearestDatasetAction)
+            tree = cKDTree(x, balanced_tree=False)
+            rows, radius = np.empty((len(x), k), np.int32), np.empty((len(x), 2))
+            # all cores, in slices so that a long build (minutes on 1M walker2d states) shows its progress
+            step = 20_000
+            with _build_progress(len(x)) as advance:
+                for i in range(0, len(x), step):
+                    dist, idx = tree.query(x[i:i + step], k=k, workers=-1)
+                    dist = dist.reshape(len(dist), -1)
+                    rows[i:i + step], radius[i:i + step] = idx.reshape(len(dist), -1), dist[:, [first - 1, -1]]
+                    advance(len(dist))
+            return rows, radius
+
+        (self.rows, radius), self.reused = paths.cached_arrays(
+            "prdc/state_neighbours", self.cache_key(states, k, first), build)
+        self.radius_first, self.radius = radius[:, 0], radius[:, 1]
+
+    @staticmethod
+    def _sizes(rows: int, k: int, first: int) -> tuple[int, int]:
+        """The list length and first stage kept for `rows` states: at least 1, at most the states (the stage at
+        most the list)."""
+        k = max(1, min(k, rows))
+        return k, max(1, min(k, first))
+
+    @classmethod
+    def cache_key(cls, states: np.ndarray, k: int, first: int = FIRST) -> list:
+        """What the lists of `states` (float32) are kept on disk under: everything they depend on."""
+        return [cls.CACHE_VERSION, paths.digest(states), list(states.shape), *cls._sizes(len(states), k, first)]
+
+    @classmethod
+    def on_disk(cls, states: np.ndarray, k: int) -> bool:
+        """Whether the lists of `states` were found before and are kept on disk (nothing is read)."""
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        return paths.cached_path("prdc/state_neighbours", cls.cache_key(states, k)).is_file()
+
+    @staticmethod
+    def _listed(keys: np.ndarray, query: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of each query's candidate rows `cand` [n, m]: the column of the nearest key and its squared distance
+        (float64, from the float32 keys)."""
+        n, m = cand.shape
+        diff = np.take(keys, cand.ravel(), axis=0).astype(np.float64).reshape(n, m, -1)
+        diff -= query[:, None, :]
+        d2 = np.einsum("ijk,ijk->ij", diff, diff)
+        best = d2.argmin(1)
+        return best, d2[np.arange(n), best]
+
+    def nearest(self, keys: np.ndarray, beta: float, query: np.ndarray, rows: np.ndarray, slack: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """For queries asked at dataset `rows`: each one's nearest listed key (row index) and whether it is
+        certified the nearest of all keys (see the class doc). keys: the index's float32 [beta * s_j, a_j];
+        query: [n, obs + act]; slack: an absolute allowance for the keys' float32 rounding."""
+        query = query.astype(np.float64)
+        own = keys[rows, :self.obs_dim].astype(np.float64) - query[:, :self.obs_dim]
+        offset = np.sqrt(np.einsum("ij,ij->i", own, own))  # beta * e: both states as beta * s
+        cand = self.rows[rows]
+        # stage 1: the first states of each list
+        col, d2 = self._listed(keys, query, cand[:, :self.first])
+        found = cand[np.arange(len(rows)), col].astype(np.int64)
+        floor = beta * self.radius_first[rows] - offset - slack
+        certain = (floor > 0) & (d2 < floor**2)
+        if self.k > self.first and not certain.all():  # stage 2: the rest of the lists, for the open queries
+            open_ = np.flatnonzero(~certain)
+            col2, d2_2 = self._listed(keys, query[open_], cand[open_, self.first:])
+            nearer = d2_2 < d2[open_]
+            found[open_[nearer]] = cand[open_[nearer], self.first + col2[nearer]]
+            d2_open = np.minimum(d2[open_], d2_2)
+            floor = beta * self.radius[rows[open_]] - offset[open_] - slack
+            certain[open_] = (floor > 0) & (d2_open < floor**2)
+        return found, certain
+
+
+KMEANS_CACHE_VERSION = 1
+
+
+def kmeans_partition(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's k-means over float32 `keys`: about sqrt(N) centroids (with the >= 39 training points per cell faiss's
+    k-means asks for) [cells, dim] float32, and each key's cell, that of its nearest centroid [N] int64.
+
+    Kept on disk (OFFLAB_HOME/prdc/kmeans_cells, keyed by a digest of the keys), as the state neighbours are:
+    computed, the k-means took 2-6 s of every fit on 1M keys."""
+    import faiss
+
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    dim = keys.shape[1]
+    cells = _kmeans_cell_count(len(keys))
+
+    def train():
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
+        index.cp.seed = 0
+        with faiss_threads(1):  # one thread: k-means sums in a fixed order, so the cells are reproducible
+            index.train(keys)
+            cell_of = index.quantizer.assign(keys, 1)[:, 0]  # what index.add would file each key under
+        return index.quantizer.reconstruct_n(0, cells), cell_of
+
+    (centroids, cell_of), _ = paths.cached_arrays("prdc/kmeans_cells", _kmeans_cache_key(keys), train)
+    return np.ascontiguousarray(centroids, dtype=np.float32), np.ascontiguousarray(cell_of, dtype=np.int64)
+
+
+def _kmeans_cell_count(rows: int) -> int:
+    """About sqrt(N) cells, with the >= 39 training points per cell faiss's k-means asks for."""
+    return max(1, min(round(math.sqrt(rows)), rows // 39))
+
+
+def _kmeans_cache_key(keys: np.ndarray) -> list:
+    """What `kmeans_partition` of the float32 `keys` is kept on disk under: everything it depends on."""
+    return [KMEANS_CACHE_VERSION, paths.digest(keys), list(keys.shape), _kmeans_cell_count(len(keys))]
+
+
+def kmeans_on_disk(keys: np.ndarray) -> bool:
+    """Whether `kmeans_partition` of the float32 `keys` was computed before and is kept on disk (nothing is read)."""
+    return paths.cached_path("prdc/kmeans_cells", _kmeans_cache_key(keys)).is_file()
+
+
+def kmeans_cells(keys: np.ndarray):
+    """faiss's inverted file over float32 `keys`, its cells those of `kmeans_partition`. Read back from disk, the
+    same keys go into the same cells in the same order, so the index is the one built the first time."""
+    import faiss
+
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    centroids, cell_of = kmeans_partition(keys)  # cell_of held here: swig_ptr keeps no reference
+    quantizer = faiss.IndexFlatL2(keys.shape[1])
+    quantizer.add(centroids)
+    index = faiss.IndexIVFFlat(quantizer, keys.shape[1], len(centroids))
+    index.is_trained = True  # its quantizer holds the trained centroids
+    with faiss_threads(1):
+        index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(cell_of))
+    return index
+
+
+class VoronoiCells:
+    """The exact nearest key to queries that already have a candidate, by scanning only the keys of the k-means
+    cells that can hold a nearer one: where the policy is far from the data, several times faster than the KD-tree
+    on 1M keys.
+
+    Every key is in the cell of its nearest centroid (`kmeans_partition`, about sqrt(N) cells). Two bounds on the
+    distance from a query q to a key k of cell j (centroid c_j), both to beat the candidate's distance d:
+    - the half-space bound (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|), c_1 the centroid nearest q: which cells
+      to scan (5-9 per query on hopper-medium and walker2d-medium, the candidate being tight: it comes from the
+      state neighbours, for the queries they found but could not certify);
+    - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
+      centroid, so the keys to scan are one contiguous run, those in the shell |k - c_j| in |q - c_j| +- d (about
+      half of the cell on walker2d-medium).
+    The nearest of the keys scanned and the candidate is the nearest of all keys. The cells' bound allows for
+    float32 rounding (the query-centroid distances, and the keys' cell assignment, are float32), and the final
+    comparison is in float64, as the tree's.
+
+    The scan: the keys are stored cell by cell as their offsets r = k - c_j, transposed (one row per dimension, a
+    last row -|r|^2 / 2), so a run's scores (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are one
+    matrix-vector product over contiguous memory. That reads the keys about twice as fast as faiss's inverted-file
+    scan, on one thread (`benchmarks/learner_speed.md`, session 27), and the offsets from the centroid keep float32's
+    rounding in the scores to the cell's scale. A run's best is picked by its float32 score, so a key whose score
+    ties it within float32 rounding could lose to it, as in faiss's float32 scan before.
+    """
+
+    ROUNDING_PER_DIM = 2.0**-22
+    """Relative error allowed for a float32 squared distance |q|^2 + |c|^2 - 2 q.c, per key dimension (float32's
+    2^-24 four times over for each term of the sums): an overestimate only widens the scan."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+        self.centroids, cell_of = kmeans_partition(keys)
+        cells, dim = self.centroids.shape
+        cent = self.centroids.astype(np.float64)
+        self.centroid_sq = np.einsum("ij,ij->i", cent, cent)
+        self.centroid_gap = np.sqrt(np.maximum(self.centroid_sq[:, None] + self.centroid_sq[None, :]
+                                               - 2.0 * cent @ cent.T, 0.0))
+        self.key_sq_max = float(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max())
+        radius_sq = np.empty(len(keys))  # |k - c_j|^2, float64
+        step = 65_536
+        for i in range(0, len(keys), step):
+            r = keys[i:i + step].astype(np.float64) - cent[cell_of[i:i + step]]
+            radius_sq[i:i + step] = np.einsum("ij,ij->i", r, r)
+        self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
+        self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
+        np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
+        # one sorted float64 array for all cells' radii: cell j's at j * width + radius (width: more than any
+        # radius and any shell's half-width can reach), so each shell's run is one vectorised searchsorted
+        radius_sq = radius_sq[self.order]
+        radius = np.sqrt(radius_sq)
+        self.width = 2.0 * float(radius.max()) + 1.0
+        self.shell_key = cell_of[self.order] * self.width + radius
+        self.shell_slack = 4.0 * 2.0**-52 * cells * self.width  # the float64 rounding of j * width + radius
+        self.offsets = np.empty((dim + 1, len(keys)), np.float32)  # [r; -|r|^2 / 2], r = key - its centroid
+        self.offsets[dim] = -0.5 * radius_sq
+        for i in range(0, len(keys), step):
+            rows = self.order[i:i + step]
+            self.offsets[:dim, i:i + step] = (keys[rows].astype(np.float64) - cent[cell_of[rows]]).T
+
+    def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """Row index of each query's nearest key, given a candidate key row for each (any key: the nearer it is,
+        the fewer keys are scanned). query: float32 [n, obs + act]."""
+        import faiss
+
+        x = np.ascontiguousarray(query, dtype=np.float32)
+        q64 = x.astype(np.float64)
+        near = self.keys[candidate].astype(np.float64) - q64
+        bound_now = np.sqrt(np.einsum("ij,ij->i", near, near))
+        rows = np.arange(len(x))
+        with faiss_threads(1):  # faiss's own BLAS on this thread (numpy's would start threads of its own)
+            dist = faiss.pairwise_distances(x, self.centroids).astype(np.float64)
+        first = dist.argmin(1)
+        q_sq = np.einsum("ij,ij->i", q64, q64)
+        # cell j is scanned when its half-space bound (|q - c_j|^2 - |q - c_1|^2 - error) / (2 |c_j - c_1|) is at most
+        # the candidate's distance, multiplied out (a cell with c_j = c_1, c_1's own included, always is). The query's
+        # distances and the keys' cell assignment were float32: their possible error, taken off the bound, is
+        # rounding * (2 |q|^2 + 2 max |k|^2 + |c_j|^2 + |c_1|^2), in a part of j and a part of the query
+        rounding = self.ROUNDING_PER_DIM * x.shape[1]
+        dist -= rounding * self.centroid_sq[None, :]
+        dist -= (dist[rows, first] + rounding * (2.0 * q_sq + 2.0 * self.key_sq_max + 2.0 * self.centroid_sq[first])
+                 )[:, None]
+        scan = dist <= 2.0 * bound_now[:, None] * self.centroid_gap[first]
+        # the (cell, query) pairs to scan, cell by cell (a cell scanned again is still in cache), and in each
+        # cell the run of keys in the query's shell; float64 rounding allowed for
+        cell, at = np.nonzero(scan.T)
+        to_centroid = q64[at] - self.centroids[cell].astype(np.float64)
+        centre = np.sqrt(np.einsum("ij,ij->i", to_centroid, to_centroid))
+        reach = bound_now[at] + 1e-9 * (centre + bound_now[at]) + self.shell_slack
+        begin = np.maximum(np.searchsorted(self.shell_key, cell * self.width + (centre - reach), "left"),
+                           self.start[cell])
+        end = np.minimum(np.searchsorted(self.shell_key, cell * self.width + (centre + reach), "right"),
+                         self.start[cell + 1])
+        keep = end > begin
+        at, begin, end = at[keep], begin[keep].tolist(), end[keep].tolist()
+        scorer = np.ones((len(at), x.shape[1] + 1), np.float32)  # [q - c_j, 1]
+        scorer[:, :-1] = to_centroid[keep]
+        best = np.empty(len(at), np.int64)
+        offsets = self.offsets
+        for pair, (b, e) in enumerate(zip(begin, end, strict=True)):
+            best[pair] = b + int(np.argmax(scorer[pair] @ offsets[:, b:e]))
+        # the float64 nearest of the candidate and each scanned run's best (the candidate first: it wins ties)
+        choices = np.concatenate([candidate, self.order[best]])
+        owner = np.concatenate([rows, at])
+        diff = self.keys[choices].astype(np.float64) - q64[owner]
+        by_owner = np.lexsort((np.einsum("ij,ij->i", diff, diff), owner))
+        first_of_owner = np.ones(len(by_owner), bool)
+        first_of_owner[1:] = owner[by_owner[1:]] != owner[by_owner[:-1]]
+        return choices[by_owner[first_of_owner]]
+
+
+class NearestDatasetAction:
+    """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
+
+    Built once from the whole dataset. `kdtree` queries a scipy cKDTree on the host, one thread per call
+    (an inline search with torch on n threads shares a long tree query out over n threads);
+    `exact` computes all distances on the keys' device in chunks (the choice for a GPU, where a host
+    round trip costs more than the arithmetic). `ivf` is approximate: faiss's inverted file splits the
+    keys into about sqrt(N) k-means cells and scans only the `ivf_probe` cells nearest each query.
+    """
+
+    SPLIT_ROWS = 32
+    """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
+    SHARE_TREE_ROWS = 16
+    """An inline search with torch on several threads shares the tree's queries with helper threads from this
+    many on (in shares of at least half as many)."""
+
+    def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
+                 device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0,
+                 search_process: bool = False):
+        self.beta = float(beta)
+        self.search = search
+        self.chunk_rows = chunk_rows
+        self.actions = actions.to(device=device, dtype=torch.float32)
+        keys = torch.cat([self.beta * norm_obs.float(), actions.float()], dim=1)
+        host_keys = None  # the host indexes' copy of the keys, brought over once
+        if search in ("kdtree", "ivf"):
+            host_keys = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.float32)
+        self.neighbours: StateNeighbours | None = None
+        self.cells: VoronoiCells | None = None
+        self.process: SearchProcess | None = None
+        if search_process and host_keys is not None:
+            # The process builds the index itself; what is kept on disk is made here first (the state
+            # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
+            states = norm_obs.cpu().numpy()
+            if search == "kdtree" and state_neighbours > 0 and len(keys) > 1 and \
+                    not StateNeighbours.on_disk(states, state_neighbours):
+                StateNeighbours(states, state_neighbours)
+            if (search == "ivf" or (search == "kdtree" and len(keys) > 1)) and not kmeans_on_disk(host_keys):
+                kmeans_partition(host_keys)
+            self.process = SearchProcess(states, actions.cpu().numpy(), {
+                "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
+            return
+        if search == "kdtree" and len(keys) > 1:
+            if state_neighbours > 0:
+                self.neighbours = StateNeighbours(norm_obs.cpu().numpy(), state_neighbours)
+                self.keys32 = host_keys
+                # |q - key_j| as computed from float32 keys may differ from the exact one by the keys' rounding
+                self.slack = 4.0 * math.sqrt(keys.shape[1]) * float(np.abs(self.keys32).max()) * 2.0**-24
+            # a query asked at a dataset row comes with a candidate, the nearest listed key (or, without the lists,
+            # the row's own key): the cells beside the tree (see _open_search)
+            self.cells = VoronoiCells(host_keys)
+            self.open_cost: dict[str, float] = {}  # seconds per open query of each, recent searches weighted more
+            self._since_retime = 0  # open searches since the slower of the two was last timed
+        if search == "kdtree":
+            # The tree holds the keys in their principal axes (`_in_principal_axes`). With sliding-midpoint
+            # splits (balanced_tree=False) queries cost ~25% less than with scipy's default tree
+            # (benchmarks/learner_speed.md).
+            self.key_mean, self.rotation, rotated = _in_principal_axes(host_keys.astype(np.float64))
+            self.tree = cKDTree(rotated, balanced_tree=False)
+        elif search == "ivf":
+            self.ivf = self._build_ivf(host_keys, ivf_probe)
+        else:
+            self.keys = keys.to(device)
+            self.key_sq_norms = (self.keys**2).sum(dim=1)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def on_host(self) -> bool:
+        """The search runs in scipy or faiss on the CPU, outside torch (kdtree, ivf): it can overlap a torch step."""
+        return self.search in ("kdtree", "ivf")
+
+    def _query(self, norm_obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.beta * norm_obs.detach(), action.detach()], dim=1)
+
+    @staticmethod
+    def _build_ivf(keys: np.ndarray, probe: int):
+        index = kmeans_cells(keys)
+        index.nprobe = min(probe, index.nlist)
+        return index
+
+    def _host_index(self, query: np.ndarray, rows: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+        """Row index of each query's nearest key (float32 queries; `rows`: the dataset row each was asked at,
+        -1 for none), on one core: it may run beside the critic step. `threads` > 1 (the caller has no torch
+        work beside it): when many queries are left to the tree (or the inverted file), helper threads search
+        all but one of `threads` shares of them."""
+        if self.search == "kdtree":
+            out = np.empty(len(query), dtype=np.int64)
+            todo = np.ones(len(query), dtype=bool)
+            if self.cells is not None and rows is not None:
+                at = np.flatnonzero((rows >= 0) & (rows < len(self.actions)))
+                if self.neighbours is not None:
+                    found, certain = self.neighbours.nearest(self.keys32, self.beta, query[at], rows[at], self.slack)
+                    out[at[certain]] = found[certain]
+                    todo[at[certain]] = False
+                    at, found = at[~certain], found[~certain]  # found, not certified: a close upper bound
+                else:  # the row's own key: a looser upper bound than the lists' nearest
+                    found = rows[at]
+                if len(at):
+                    out[at] = self._open_search(query[at], found, threads)
+                    todo[at] = False
+            if todo.any():  # the rest from the tree over all keys, in their principal axes
+                out[todo] = self._tree_index(query[todo], threads)
+            return out
+        return self._in_shares(self._ivf_index, np.ascontiguousarray(query, dtype=np.float32), threads)
+
+    def _tree_index(self, query: np.ndarray, threads: int) -> np.ndarray:
+        rotated = (query.astype(np.float64) - self.key_mean) @ self.rotation
+        return self._in_shares(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, threads)
+
+    OPEN_RETRY = 50
+    OPEN_RETRY_MAX = 1000
+    """The slower of the tree and the cells is timed again after OPEN_RETRY open searches times how many times
+    slower it was (at most OPEN_RETRY_MAX): the retiming costs about 1 / OPEN_RETRY of the search time, however
+    slow the other is (the tree took 3-6 times the cells' time on walker2d-medium)."""
+
+    def _open_search(self, query: np.ndarray, candidate: np.ndarray, threads: int) -> np.ndarray:
+        """The exact neighbours of queries the state neighbours left open, from the KD-tree or the Voronoi cells
+        (`VoronoiCells`), whichever took less time per query lately: the cells are several times faster where the
+        policy is far from 1M keys (walker2d-medium, hopper-medium), the tree can be on 100k keys. Both give the
+        exact neighbour (the same one, up to float64 ties), so the choice changes the speed, never the numbers."""
+        self._since_retime += 1
+        cost = self.open_cost
+        if len(cost) < 2:
+            method = "cells" if "cells" not in cost else "tree"
+        else:
+            method, other = sorted(cost, key=cost.get)
+            since = self._since_retime
+            if since >= self.OPEN_RETRY_MAX or since * cost[method] >= self.OPEN_RETRY * cost[other]:
+                method, self._since_retime = other, 0
+        start = time.perf_counter()
+        if method == "cells":  # on this thread alone: a second thread scanning beside it gained nothing (memory)
+            out = self.cells.nearest(query, candidate)
+        else:
+            out = self._tree_index(query, threads)
+        per_query = (time.perf_counter() - start) / len(query)
+        cost[method] = per_query if method not in cost else 0.8 * cost[method] + 0.2 * per_query
+        return out
+
+    def _in_shares(self, search, query: np.ndarray, threads: int) -> np.ndarray:
+        """`search(query)`; with `threads` > 1 and at least SHARE_TREE_ROWS queries, split into up to `threads`
+        equal shares of at least SHARE_TREE_ROWS / 2 queries, one per thread: the caller searches one and helper
+        threads the others (the same answers: each query is searched on its own)."""
+        shares = min(threads, len(query) // (self.SHARE_TREE_ROWS // 2))
+        if shares < 2:
+            return search(query)
+        return np.concatenate(SplitWork("prdc-search", search, np.array_split(query, shares), helpers=shares - 1
+                                        ).result())
+
+    def _ivf_index(self, query: np.ndarray) -> np.ndarray:
+        """faiss's inverted file on one thread: the nearest key among each query's `ivf_probe` nearest cells."""
+        import faiss
+
+        with faiss_threads(1):
+            _, idx = self.ivf.search(query, 1)
+            idx = idx[:, 0]
+            empty = idx < 0  # every probed cell was empty: search them all
+            if empty.any():
+                everywhere = faiss.SearchParametersIVF(nprobe=self.ivf.nlist)
+                idx[empty] = self.ivf.search(query[empty], 1, params=everywhere)[1][:, 0]
+        return idx.astype(np.int64)
+
+    @torch.no_grad()
+    def _exact_index(self, query: torch.Tensor) -> torch.Tensor:
+        query = query.to(self.keys.device)
+        best_dist = best_idx = None
+        for start in range(0, len(self.keys), self.chunk_rows):
+            keys = self.keys[start:start + self.chunk_rows]
+            # ||q - k||^2 up to the query's own norm, which does not change the argmin
+            dist = self.key_sq_norms[start:start + self.chunk_rows] - 2.0 * query @ keys.T
+            d, i = dist.min(dim=1)
+            if best_dist is None:
+                best_dist, best_idx = d, i
+            else:
+                better = d < best_dist
+                best_dist = torch.where(better, d, best_dist)
+                best_idx = torch.where(better, i + start, best_idx)
+        return best_idx
+
+    @staticmethod
+    def _host_rows(rows: torch.Tensor | None) -> np.ndarray | None:
+        return None if rows is None else rows.cpu().numpy().astype(np.int64)
+
+    def nearest_index(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Row index of each query's nearest dataset key, as a long tensor on the actions' device. `rows`, the
+        dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
+        if self.process is not None:
+            return self.start_search(norm_obs, action, rows).result()
+        query = self._query(norm_obs, action)
+        if self.on_host:
+            threads = torch.get_num_threads()  # torch waits for the answer: its cores are free
+            return torch.from_numpy(self._host_index(query.cpu().numpy(), self._host_rows(rows), threads)
+                                    ).to(self.actions.device)
+        return self._exact_index(query)
+
+    def start_search(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                     ) -> PendingSearch:
+        """Begin a host search in the search process, or else on the helper thread, and return at once;
+        `.result()` gives `nearest_index`'s answer. On the helper thread, the caller's thread takes the remaining
+        queries when it asks (so both cores finish them)."""
+        query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
+        if self.process is not None:
+            self.process.submit(query, host_rows)
+            return PendingSearch(self.process.result, self.actions.device)
+        chunks = [(query[i:i + self.SPLIT_ROWS], None if host_rows is None else host_rows[i:i + self.SPLIT_ROWS])
+                  for i in range(0, len(query), self.SPLIT_ROWS)]
+        work = SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks)
+        return PendingSearch(lambda: np.concatenate(work.result()), self.actions.device)
+
+    def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """The nearest dataset action a_j for each query (a constant: no gradient)."""
+        return self.actions[self.nearest_index(norm_obs, action, rows)]
