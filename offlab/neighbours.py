@@ -76,6 +76,7 @@ class SearchProcess:
         self._conn = Connection(ours.detach())
         weakref.finalize(self, SearchProcess._stop, self._conn, self._process)
         self._asked = False  # a batch sent and its answer not yet read
+        self.seconds = 0.0  # wall seconds the process took to search the batch read last
         try:
             self._conn.send(settings | {"obs_shape": norm_obs.shape, "act_shape": actions.shape})
             self._conn.send_bytes(np.ascontiguousarray(norm_obs, dtype=np.float32))
@@ -111,7 +112,8 @@ class SearchProcess:
             raise self._stopped() from e
         if reply[:1] != b"A":
             raise RuntimeError(f"PRDC's search process failed: {reply[1:].decode()}")
-        return np.frombuffer(reply, np.int64, offset=8).copy()
+        self.seconds = float(np.frombuffer(reply, np.float64, 1, offset=8)[0])
+        return np.frombuffer(reply, np.int64, offset=16).copy()
 
     def cpu_seconds(self) -> float:
         """CPU seconds the search process has used so far (Linux; 0.0 elsewhere): for benchmarks, whose process
@@ -146,7 +148,8 @@ class SearchProcess:
 
 def _serve_searches(fd: int) -> None:
     """The search process (`SearchProcess`), on its end `fd` of the socket pair: build the host index, then answer
-    batches until the trainer's end closes. Replies: b"A" + 7 padding bytes + int64 rows, or b"E" + the error."""
+    batches until the trainer's end closes. Replies: b"A" + 7 padding bytes + the search's seconds (float64) + int64
+    rows, or b"E" + the error."""
     torch.set_num_threads(1)
     conn = Connection(fd)
     try:
@@ -168,12 +171,14 @@ def _serve_searches(fd: int) -> None:
         n = int(np.frombuffer(request, np.int64, 1)[0])
         query = np.frombuffer(request, np.float32, n * dim, offset=8).reshape(n, dim)
         rows = np.frombuffer(request, np.int64, n, offset=8 + 4 * n * dim)
+        start = time.perf_counter()
         try:
             found = index._host_index(query, rows if (rows >= 0).any() else None)
         except Exception as e:  # noqa: BLE001
             conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
             return
-        conn.send_bytes(b"A" + bytes(7) + found.astype(np.int64).tobytes())
+        seconds = np.array([time.perf_counter() - start], np.float64)
+        conn.send_bytes(b"A" + bytes(7) + seconds.tobytes() + found.astype(np.int64).tobytes())
 
 
 def _in_principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -481,7 +486,7 @@ class NearestDatasetAction:
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
                  device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0,
-                 search_process: bool = False):
+                 search_process: bool = False, share_search: bool = True):
         self.beta = float(beta)
         self.search = search
         self.chunk_rows = chunk_rows
@@ -504,6 +509,13 @@ class NearestDatasetAction:
                 kmeans_partition(host_keys)
             self.process = SearchProcess(states, actions.cpu().numpy(), {
                 "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
+            # the caller's share of each batch (`_balance`), searched in an index of its own, built when first needed
+            self.caller_share = 0
+            self.share_search = share_search
+            self._share_estimate = 0.0
+            self._searches = 0
+            self._local: NearestDatasetAction | None = None
+            self._local_args = (norm_obs, actions, beta, search, ivf_probe, state_neighbours)
             return
         if search == "kdtree" and len(keys) > 1:
             if state_neighbours > 0:
@@ -667,12 +679,65 @@ class NearestDatasetAction:
         queries when it asks (so both cores finish them)."""
         query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
         if self.process is not None:
-            self.process.submit(query, host_rows)
-            return PendingSearch(self.process.result, self.actions.device)
+            return self._start_in_process_and_here(query, host_rows)
         chunks = [(query[i:i + self.SPLIT_ROWS], None if host_rows is None else host_rows[i:i + self.SPLIT_ROWS])
                   for i in range(0, len(query), self.SPLIT_ROWS)]
         work = SplitWork("prdc-search", lambda chunk: self._host_index(*chunk), chunks)
         return PendingSearch(lambda: np.concatenate(work.result()), self.actions.device)
+
+    BALANCE_AFTER = 500
+    """Searches before the caller's share is balanced (`_balance`): the freshly initialised policy is far from the
+    data everywhere, and only a search that stays slow is worth a second copy of the index in the caller."""
+
+    def _start_in_process_and_here(self, query: np.ndarray, rows: np.ndarray | None) -> PendingSearch:
+        """Send the batch but its last `caller_share` queries to the search process; those the caller searches
+        itself when it asks for the answer, while the process searches the rest."""
+        mine = min(self.caller_share, len(query) - 1)
+        cut = len(query) - mine
+        self.process.submit(query[:cut], None if rows is None else rows[:cut])
+        sent = time.perf_counter()
+
+        def answer() -> np.ndarray:
+            asked = time.perf_counter()
+            own, own_seconds = np.empty(0, np.int64), 0.0
+            if mine:
+                local = self._local_index()
+                start = time.perf_counter()
+                own = local._host_index(query[cut:], None if rows is None else rows[cut:])
+                own_seconds = time.perf_counter() - start
+            theirs = self.process.result()
+            self._balance(len(query), mine, self.process.seconds, asked - sent, own_seconds)
+            return np.concatenate([theirs, own])
+
+        return PendingSearch(answer, self.actions.device)
+
+    def _balance(self, n: int, mine: int, process_s: float, before_s: float, own_s: float) -> None:
+        """Choose the caller's share of the next batches, so that both finish together.
+
+        The caller asks for the answer `before_s` after sending the batch (PRDC: two critic steps later). The process
+        searched n - mine queries in `process_s`, the caller its `mine` in `own_s`. Both finish together when
+        (n - m) * p = before_s + m * p_own, p and p_own the seconds per query of each: m = (n * p - before_s) /
+        (p + p_own), 0 when the process finishes within before_s alone (hopper-medium and walker2d-medium, whose
+        search takes less than the two critic steps). Where the policy stays far from the data (halfcheetah-medium)
+        the caller, which would only wait, searches about half of each batch. Smoothed over searches; it changes
+        the time, never the answer (each query's neighbour is exact wherever it is searched)."""
+        self._searches += 1
+        if not self.share_search or self._searches <= self.BALANCE_AFTER or n < 2:
+            return
+        per_query = process_s / (n - mine)
+        own_per_query = own_s / mine if mine else per_query
+        target = (n * per_query - before_s) / max(per_query + own_per_query, 1e-12)
+        self._share_estimate = 0.8 * self._share_estimate + 0.2 * min(max(target, 0.0), n - 1.0)
+        self.caller_share = round(self._share_estimate)
+
+    def _local_index(self) -> NearestDatasetAction:
+        """The caller's own copy of the host index (its caches read back from disk), for its share of the
+        batches."""
+        if self._local is None:
+            norm_obs, actions, beta, search, ivf_probe, state_neighbours = self._local_args
+            self._local = NearestDatasetAction(norm_obs, actions, beta, search, torch.device("cpu"),
+                                               ivf_probe=ivf_probe, state_neighbours=state_neighbours)
+        return self._local
 
     def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None
                  ) -> torch.Tensor:

@@ -21,7 +21,11 @@ the learner. Differs from the reference code:
   a training loop left to choose torch's thread count gives torch one core fewer (`side_cores`): a helper
   thread would share the interpreter's lock with the critic step, whose torch ops then wait for it (a TD3+BC
   update took 60% longer beside a search thread, 0-10% beside a search process; walker2d-medium, session
-  28). On one core, or with `search_process=false`: with one torch thread the search runs on a helper
+  28). Where that search outlasts the two critic steps (halfcheetah: the policy stays far from the data), the
+  training process, which would only wait for it, searches the last queries of each batch itself, as many as
+  make both finish together (`share_search`, `NearestDatasetAction._balance`; a second copy of the index):
+  PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). On one core, or with
+  `search_process=false`: with one torch thread the search runs on a helper
   thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
   chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
   many threads as torch has (the official code's `workers=-1` uses every core too).
@@ -125,6 +129,8 @@ class PRDCConfig:
     """Run the host search (kdtree, ivf) beside the critic steps: in the search process, or on a helper thread when torch has one thread (same results, faster)."""
     search_process: bool = True
     """With 2+ cores, run the host search (kdtree, ivf) in a worker process beside the critic steps, with torch on one core fewer (same results, faster)."""
+    share_search: bool = True
+    """With the search process: when it is slower than the critic steps, the training process searches a share of each batch too (a second copy of the index: about 1 GB for 1M rows; same results, faster)."""
     state_neighbours: int = 128
     """kdtree: each dataset state's this many nearest states (4 bytes each per row: 512 MB for 1M rows) answer most queries without the tree (exact; 0: off)."""
 
@@ -222,7 +228,8 @@ class PRDC:
             self.nearest_dataset_action = NearestDatasetAction(norm_obs, spec.data.action, config.beta, search,
                                                                self.device, ivf_probe=config.ivf_probe,
                                                                state_neighbours=config.state_neighbours,
-                                                               search_process=in_process)
+                                                               search_process=in_process,
+                                                               share_search=config.share_search)
             self.side_cores = 1 if in_process else 0
             if search == "kdtree":
                 self._search_wait = []
