@@ -317,7 +317,7 @@ class PRDC:
                 f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average (the "
                 f"policy stays far from the data); --set nn_search=ivf, faiss's approximate inverted file, found "
                 f"the exact neighbour for 98-100% of such queries and took PRDC's updates on halfcheetah-medium "
-                f"from 66 to 18 ms, against TD3+BC's 6 ms (benchmarks/learner_speed.md)")
+                f"from 5.9 to 2.1 times TD3+BC's time (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
         """The batch the next `update` will get (the training loop announces it before the current update):
