@@ -707,7 +707,7 @@ class NearestDatasetAction:
             if mine:
                 local = self._local_index()
                 start = time.perf_counter()
-                own = local._host_index(query[cut:], None if rows is None else rows[cut:])
+                own = local._host_index(query[cut:], None if rows is None else rows[cut:], torch.get_num_threads())
                 own_seconds = time.perf_counter() - start
             theirs = self.process.result()
             self._balance(len(query), mine, self.process.seconds, asked - sent, own_seconds)
