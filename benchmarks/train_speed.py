@@ -6,6 +6,9 @@
     # one learner twice: PRDC with and without its state neighbours
     python benchmarks/train_speed.py --dataset hopper-medium --algos td3bc,prdc,prdc@tree \
         --set prdc@tree.state_neighbours=0
+    # PRDC at step 50,000 of a run (its checkpoint) against TD3+BC: the cost later in training
+    python benchmarks/train_speed.py --dataset halfcheetah-medium --algos td3bc,prdc \
+        --start prdc=~/.offlab/runs/<run id>/checkpoint.pt --threads 2 --warmup 2100 --block 500 --blocks 6
     # one learner under an OpenMP setting (it must be in the environment before torch loads)
     GOMP_SPINCOUNT=10000 python benchmarks/train_speed.py --dataset bench-hopper-medium-100000 --algos td3bc \\
         --threads 2 --warmup 500 --block 300 --blocks 5
@@ -62,6 +65,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="ALGO.KEY=VALUE",
                    help="a learner setting, e.g. prdc.nn_search=ivf (repeatable)")
+    p.add_argument("--start", action="append", default=[], metavar="ALGO=CHECKPOINT",
+                   help="start a learner from the learner state of an `offlab fit` checkpoint.pt (its run's settings "
+                        "must match), e.g. prdc=~/.offlab/runs/<run id>/checkpoint.pt: the cost at that point of a run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,6 +80,11 @@ def main() -> None:
         # this learner's `--set name.key=value`, typed and checked as `offlab fit --set` does
         settings = parse_assignments([item[len(name) + 1:] for item in args.set if item.startswith(f"{name}.")])
         learners[name] = cls(learner_config(cls, args.dataset, settings, seed=args.seed), spec, "cpu")
+        for item in args.start:
+            if item.split("=", 1)[0] == name:
+                checkpoint = torch.load(os.path.expanduser(item.split("=", 1)[1]), weights_only=True)
+                learners[name].load_state_dict(checkpoint["learner"])
+                print(f"{name}: from step {checkpoint['step']:,} of its run", flush=True)
         # as `offlab fit` with its thread count left to the machine: torch gets the cores a learner leaves free
         # (PRDC's search process keeps one busy: `side_cores`)
         threads[name] = torch_threads_beside(learners[name], args.threads)
