@@ -40,7 +40,8 @@ the learner. Differs from the reference code:
   same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread;
   kept on disk) and a float32 copy of the keys, stored cell by cell. Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
-  about a quarter of the queries, updates took 15% longer than with them (session 30), where the tree alone took 1.8 s per 256 queries.
+  about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which
+  took such queries before, took 1.8 s per 256.
 - On CUDA an exact chunked search on the device replaces the KD-tree (`nn_search`), so the actor
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
