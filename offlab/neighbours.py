@@ -722,8 +722,8 @@ class NearestDatasetAction:
         searched n - mine queries in `process_s`, the caller its `mine` in `own_s`. Both finish together when
         (n - m) * p = before_s + m * p_own, p and p_own the seconds per query of each: m = (n * p - before_s) /
         (p + p_own), 0 when the process finishes within before_s alone (hopper-medium and walker2d-medium, whose
-        search takes less than the two critic steps). Where the policy stays far from the data (halfcheetah-medium)
-        the caller, which would only wait, searches about half of each batch. Smoothed over searches; it changes
+        search takes less than the two critic steps). Where the policy is far from the data (halfcheetah-medium's
+        first ~25,000 updates) the caller, which would only wait, searches about half of each batch. Smoothed over searches; it changes
         the time, never the answer (each query's neighbour is exact wherever it is searched)."""
         self._searches += 1
         if not self.share_search or self._searches <= self.BALANCE_AFTER or n < 2:

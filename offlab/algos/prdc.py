@@ -21,11 +21,11 @@ the learner. Differs from the reference code:
   a training loop left to choose torch's thread count gives torch one core fewer (`side_cores`): a helper
   thread would share the interpreter's lock with the critic step, whose torch ops then wait for it (a TD3+BC
   update took 60% longer beside a search thread, 0-10% beside a search process; walker2d-medium, session
-  28). Where that search outlasts the two critic steps (halfcheetah: the policy stays far from the data), the
-  training process, which would only wait for it, searches the last queries of each batch itself, as many as
-  make both finish together (`share_search`, `NearestDatasetAction._balance`; a second copy of the index):
-  PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). On one core, or with
-  `search_process=false`: with one torch thread the search runs on a helper
+  28). Where that search outlasts the two critic steps (halfcheetah's first ~25,000 updates: the policy is far
+  from the data), the training process, which would only wait for it, searches the last queries of each batch
+  itself, as many as make both finish together (`share_search`, `NearestDatasetAction._balance`; a second copy
+  of the index): PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). On one
+  core, or with `search_process=false`: with one torch thread the search runs on a helper
   thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
   chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
   many threads as torch has (the official code's `workers=-1` uses every core too).
@@ -177,8 +177,8 @@ class PRDC:
     """An exact search that keeps the actor step waiting this long (mean over `TIMED_SEARCHES` after the first
     `UNTIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`. With the search process beside
     two critic steps, actor steps 500-1,000 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
-    halfcheetah-medium (alpha 40: the policy stays far from the data), where PRDC took 10x TD3+BC's time per update
-    (benchmarks/learner_speed.md, session 29)."""
+    halfcheetah-medium (alpha 40: the policy is far from the data for its first ~25,000 updates), where PRDC then
+    took 10x TD3+BC's time per update (benchmarks/learner_speed.md, sessions 29-30)."""
     UNTIMED_SEARCHES: ClassVar[int] = 500
     """Actor steps before the timing: the freshly initialised policy is far from the data everywhere (walker2d's
     first actor steps wait as long as halfcheetah's, 0.36 against 0.39 s), and only a policy that stays far
@@ -316,8 +316,9 @@ class PRDC:
             self.notices.append(
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
                 f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average (the "
-                f"policy stays far from the data); --set nn_search=ivf, faiss's approximate inverted file, found "
-                f"the exact neighbour for 98-100% of such queries and took PRDC's updates on halfcheetah-medium "
+                f"policy is far from the data; on halfcheetah-medium that lasted about 25,000 updates, and PRDC then "
+                f"cost about 1.3 times TD3+BC's time); --set nn_search=ivf, faiss's approximate inverted file, found "
+                f"the exact neighbour for 98-100% of such queries and took PRDC's early updates on halfcheetah-medium "
                 f"from 5.9 to 2.1 times TD3+BC's time (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
