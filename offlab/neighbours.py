@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from offlab import paths
-from offlab.threads import SplitWork, faiss_threads, fresh_interpreter
+from offlab.threads import SplitWork, faiss_threads, fresh_interpreter, fresh_interpreter_available
 
 
 class PendingSearch:
@@ -88,7 +87,7 @@ class SearchProcess:
     def available() -> bool:
         """Whether this platform can start it: a POSIX system (it inherits its end of a socket pair) and a known
         Python executable."""
-        return os.name == "posix" and bool(sys.executable)
+        return os.name == "posix" and fresh_interpreter_available()
 
     def submit(self, query: np.ndarray, rows: np.ndarray | None) -> None:
         """Send one batch of float32 queries (and the dataset row each was asked at, or None); `result` reads its
@@ -507,15 +506,16 @@ class NearestDatasetAction:
                 StateNeighbours(states, state_neighbours)
             if (search == "ivf" or (search == "kdtree" and len(keys) > 1)) and not kmeans_on_disk(host_keys):
                 kmeans_partition(host_keys)
-            self.process = SearchProcess(states, actions.cpu().numpy(), {
-                "beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours})
-            # the caller's share of each batch (`_balance`), searched in an index of its own, built when first needed
+            settings = {"beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours}
+            self.process = SearchProcess(states, actions.cpu().numpy(), settings)
+            # the caller's share of each batch (`_balance`), searched in an index of its own built from the same
+            # data and settings as the process's, when first needed
             self.caller_share = 0
             self.share_search = share_search
             self._share_estimate = 0.0
             self._searches = 0
             self._local: NearestDatasetAction | None = None
-            self._local_args = (norm_obs, actions, beta, search, ivf_probe, state_neighbours)
+            self._local_args = (norm_obs, actions, settings)
             return
         if search == "kdtree" and len(keys) > 1:
             if state_neighbours > 0:
@@ -723,8 +723,8 @@ class NearestDatasetAction:
         (n - m) * p = before_s + m * p_own, p and p_own the seconds per query of each: m = (n * p - before_s) /
         (p + p_own), 0 when the process finishes within before_s alone (hopper-medium and walker2d-medium, whose
         search takes less than the two critic steps). Where the policy is far from the data (halfcheetah-medium's
-        first ~25,000 updates) the caller, which would only wait, searches about half of each batch. Smoothed over searches; it changes
-        the time, never the answer (each query's neighbour is exact wherever it is searched)."""
+        first ~25,000 updates) the caller, which would only wait, searches about half of each batch. Smoothed over
+        searches; it changes the time, never the answer (each query's neighbour is exact wherever it is searched)."""
         self._searches += 1
         if not self.share_search or self._searches <= self.BALANCE_AFTER or n < 2:
             return
@@ -741,9 +741,8 @@ class NearestDatasetAction:
         """The caller's own copy of the host index (its caches read back from disk), for its share of the
         batches."""
         if self._local is None:
-            norm_obs, actions, beta, search, ivf_probe, state_neighbours = self._local_args
-            self._local = NearestDatasetAction(norm_obs, actions, beta, search, torch.device("cpu"),
-                                               ivf_probe=ivf_probe, state_neighbours=state_neighbours)
+            norm_obs, actions, settings = self._local_args
+            self._local = NearestDatasetAction(norm_obs, actions, device=torch.device("cpu"), **settings)
         return self._local
 
     def __call__(self, norm_obs: torch.Tensor, action: torch.Tensor, rows: torch.Tensor | None = None

@@ -123,6 +123,11 @@ def faiss_threads(n: int):
         faiss.omp_set_num_threads(before)
 
 
+def fresh_interpreter_available() -> bool:
+    """Whether `fresh_interpreter` can be started: this Python knows its executable (an embedding may not)."""
+    return bool(sys.executable)
+
+
 def fresh_interpreter(statement: str) -> list[str]:
     """The command line of a fresh Python that runs `statement` with this process's `sys.path` (as multiprocessing
     gives its children), so it imports offlab and its dependencies from where this process does.

@@ -52,6 +52,14 @@ def nearest(learner: PRDC, obs, policy_action) -> np.ndarray:
     return learner.nearest_dataset_action(s, a).numpy()
 
 
+def key_distances(learner: PRDC, data, s: torch.Tensor, a: torch.Tensor, beta: float = 2.0) -> np.ndarray:
+    """Squared float64 distances from each query [beta * s, a] (s already normalised) to every dataset key
+    [beta * s_i, a_i]: their argmin is the brute-force neighbour."""
+    keys = np.concatenate([beta * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
+    query = np.concatenate([beta * s.numpy(), a.numpy()], 1).astype(np.float64)
+    return ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+
+
 # states 0, 0, 1, 2 and actions -1, 1, 0.5, -0.5 (1-D each), raw keys when normalisation is off
 HAND_OBS = [0.0, 0.0, 1.0, 2.0]
 HAND_ACTIONS = [-1.0, 1.0, 0.5, -0.5]
@@ -111,9 +119,7 @@ def test_index_equals_brute_force_argmin_on_100_random_queries(hopper_random, se
     s = learner.normalizer(data.obs[rng.integers(0, len(data), 100)]) + 0.3 * torch.randn(
         100, data.obs.shape[1], generator=torch.Generator().manual_seed(1))
     a = torch.from_numpy(rng.uniform(-1, 1, size=(100, data.action.shape[1])).astype(np.float32))
-    keys = np.concatenate([2.0 * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
-    query = np.concatenate([2.0 * s.numpy(), a.numpy()], 1).astype(np.float64)
-    dist = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    dist = key_distances(learner, data, s, a)
     brute = dist.argmin(axis=1)
     idx = learner.nearest_dataset_action.nearest_index(s, a).numpy()
     if search == "kdtree":
@@ -182,10 +188,8 @@ def test_state_neighbours_give_the_trees_answer(hopper_random, noise, first, ope
     s = learner.normalizer(data.obs[rows])
     a = (data.action[rows] + noise * torch.randn(200, data.action.shape[1], generator=gen)).clamp(-1, 1)
     moved = s + 1e-3 * torch.randn(s.shape, generator=gen)
-    keys = np.concatenate([2.0 * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
     for states in (s, moved):
-        query = np.concatenate([2.0 * states.numpy(), a.numpy()], 1).astype(np.float64)
-        brute = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1).argmin(axis=1)
+        brute = key_distances(learner, data, states, a).argmin(axis=1)
         told = rows.clone()
         told[::7] = -1  # some queries come from elsewhere (online replay): the tree answers them
         np.testing.assert_array_equal(index.nearest_index(states, a, told).numpy(), brute)
@@ -219,9 +223,7 @@ def test_without_state_neighbours_a_query_at_a_row_starts_the_cells_from_that_ro
     a = (data.action[rows] + noise * torch.randn(120, data.action.shape[1], generator=gen)).clamp(-1, 1)
     told = rows.clone()
     told[::6] = -1
-    keys = np.concatenate([2.0 * learner.normalizer(data.obs).numpy(), data.action.numpy()], 1).astype(np.float64)
-    query = np.concatenate([2.0 * s.numpy(), a.numpy()], 1).astype(np.float64)
-    brute = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1).argmin(axis=1)
+    brute = key_distances(learner, data, s, a).argmin(axis=1)
     np.testing.assert_array_equal(index.nearest_index(s, a, told).numpy(), brute)
     np.testing.assert_array_equal(np.concatenate(candidates), told[told >= 0].numpy())
     assert tree_queries == [20]

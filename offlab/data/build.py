@@ -20,7 +20,6 @@ import json
 import math
 import os
 import pickle
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from offlab import paths
 from offlab.data import store
 from offlab.data.schema import Dataset, DatasetCard, coerce_columns
 from offlab.errors import OfflabError, PolicyError
+from offlab.threads import fresh_interpreter, fresh_interpreter_available
 
 STREAMS = 16
 GROUP = 8  # the actor always sees batches of GROUP observations
@@ -313,8 +313,6 @@ def _run_groups_in_workers(tasks: list[tuple], workers: int, done: Callable[[tup
     import tempfile
     from collections import deque
 
-    from offlab.threads import fresh_interpreter
-
     results, queue, running = [], deque(enumerate(tasks)), deque()
     with tempfile.TemporaryDirectory(prefix="offlab-build-") as folder:
         def start_next() -> None:
@@ -372,9 +370,9 @@ def rollout(env_id: str, parts: list[Part], seed: int, workers: int = 1, env_kwa
         if progress:
             progress(sum(task[6][s] for s in task[5]))
 
-    # workers are fresh interpreters (sys.executable); an embedding that has none (an empty sys.executable) builds
+    # workers are fresh interpreters; where none can start (an embedding without sys.executable) the groups run
     # here, with the same content hash
-    if workers > 1 and len(tasks) > 1 and sys.executable:
+    if workers > 1 and len(tasks) > 1 and fresh_interpreter_available():
         results = _run_groups_in_workers(tasks, workers, report)
     else:
         results = []
