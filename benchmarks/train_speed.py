@@ -103,7 +103,8 @@ def main() -> None:
     for b in range(args.blocks):
         row = {"updates": args.warmup + (b + 1) * args.block}
         for name, learner in learners.items():
-            torch.set_num_threads(threads[name])
+            # the cores the learner leaves free now (PRDC's `SearchLayout` may have moved its search inline)
+            torch.set_num_threads(torch_threads_beside(learner, args.threads))
             t, c = time.perf_counter(), process_and_helpers_cpu(learner)
             for _ in range(args.block):
                 learner.update(batches[name].take())

@@ -467,6 +467,128 @@ class VoronoiCells:
         return choices[by_owner[first_of_owner]]
 
 
+class SearchLayout:
+    """Which way of placing PRDC's search trains faster on this machine, timed as training goes (`switch_layout`).
+
+    - "process": the search process on a core of its own, beside the critic steps, and torch on the other cores.
+      The search costs no wall time while it ends within the critic steps, but torch has a core fewer.
+    - "inline": the search in the training process's copy of the index, after the critic step, and torch on every
+      core.
+
+    Which wins depends on the machine and on the search's cost, which changes during a run. On an Intel Xeon
+    (AVX-512; session 31) torch took a TD3+BC update in 3.2 ms on two threads against 4.7 on one. On the 100k
+    hopper benchmark data, updates 800-3,500, the search took little enough that inline won (1.28x TD3+BC
+    against 1.49x); on 1M hopper-medium's first 5,500 updates the process won; where the policy is far from the
+    data (halfcheetah's first ~25,000 updates, ~90 ms per search) the process wins by far
+    (benchmarks/learner_speed.md).
+
+    So the layout is timed: the median wall time per update over blocks of BLOCK updates (the median leaves out
+    an evaluation between two updates; the first SETTLE updates after a switch are left out, the caller's copy
+    of the index being built in one of them), and each layout's cost is the median of its last KEEP blocks, so
+    that one slow block does not decide. The faster stays. The slower is timed again after RETRY blocks times how
+    many times slower it was, doubled for each trial in a row that it lost after the first (at most RETRY_MAX
+    blocks): the trials cost a few percent of the time at most. The first trial of "inline" comes after
+    FIRST_TRIAL updates, and only if torch computes the learner's update with the same bits on both thread
+    counts (`same_numbers`, checked once): the neighbours are exact in both layouts, so the run's numbers never
+    depend on the layout or its timing.
+    """
+
+    BLOCK = 100
+    SETTLE = 10
+    FIRST_TRIAL = 500
+    RETRY = 10
+    RETRY_MAX = 200
+    KEEP = 3
+
+    def __init__(self, index: NearestDatasetAction, same_numbers: Callable[[tuple[int, ...], Any], bool],
+                 usable: Callable[[], int]):
+        self.index, self.same_numbers, self.usable = index, same_numbers, usable
+        self.layout = "process"
+        self.cost: dict[str, float] = {}  # seconds per update of each layout: the median of its last KEEP blocks
+        self._recent: dict[str, list[float]] = {}  # those blocks' medians
+        self.times: list[float] = []  # this block's seconds per update
+        self.updates = 0
+        self.since_trial = 0  # blocks in the faster layout since the slower was last timed
+        self.lost_trials = 0  # trials in a row that the slower layout lost
+        self.on_trial = False  # this block times the layout that was slower
+        self._settle = 0  # updates after a switch still to leave out
+        self.process_threads = 0  # torch's threads in the process layout (set when leaving it)
+        self.inline_allowed: bool | None = None  # None: not checked yet
+        self.switches = 0
+        self._last: float | None = None
+        self._batch = None
+
+    def tick(self, batch, now: float | None = None) -> None:
+        """Call at the start of each update, with its batch: times the update before, and switches the layout after a
+        block."""
+        self._batch = batch
+        now = time.perf_counter() if now is None else now
+        if self._settle > 0:
+            self._settle -= 1
+        elif self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+        self.updates += 1
+        if len(self.times) >= self.BLOCK:
+            median = float(np.median(self.times))
+            self.times.clear()
+            nxt = self.next_layout(median)
+            if nxt is not None:
+                self._switch(nxt)
+                self._settle = self.SETTLE
+
+    def next_layout(self, median: float) -> str | None:
+        """Record a block of the current layout at `median` seconds per update; the layout to switch to, or None."""
+        layout = self.layout
+        recent = self._recent.setdefault(layout, [])
+        recent[:] = [*recent[-(self.KEEP - 1):], median]
+        self.cost[layout] = float(np.median(recent))
+        other = "inline" if layout == "process" else "process"
+        if self.updates < self.FIRST_TRIAL:
+            return None
+        if other not in self.cost:
+            return self._trial(other)
+        fast, slow = sorted(self.cost, key=self.cost.get)
+        if self.on_trial:  # the trial's block: it won (stay) or lost (back)
+            self.on_trial, self.since_trial = False, 0
+            self.lost_trials = 0 if layout == fast else self.lost_trials + 1
+            return None if layout == fast else fast
+        if layout == slow:  # the other was faster when last timed: time it again
+            return self._trial(other)
+        self.since_trial += 1
+        wait = self.RETRY * self.cost[slow] / self.cost[fast] * 2.0 ** max(self.lost_trials - 1, 0)
+        return self._trial(slow) if self.since_trial >= min(wait, self.RETRY_MAX) else None
+
+    def _trial(self, layout: str) -> str | None:
+        """Switch to `layout` for a block (None: inline is not allowed here)."""
+        if layout == "inline" and not self._inline_ok():
+            return None
+        self.on_trial, self.since_trial = True, 0
+        return layout
+
+    def _threads(self) -> tuple[int, int]:
+        """torch's threads in the process layout and inline (the search process's core given to torch)."""
+        process = self.process_threads or torch.get_num_threads()
+        return process, max(process, min(process + 1, self.usable()))
+
+    def _inline_ok(self) -> bool:
+        if self.inline_allowed is None:
+            self.inline_allowed = bool(self.same_numbers(self._threads(), self._batch))
+        return self.inline_allowed
+
+    def _switch(self, layout: str) -> None:
+        if layout == "inline":
+            process, inline = self._threads()
+            self.process_threads = process
+            torch.set_num_threads(inline)
+            self.index.inline = True
+        else:
+            torch.set_num_threads(self.process_threads)
+            self.index.inline = False
+        self.layout = layout
+        self.switches += 1
+
+
 class NearestDatasetAction:
     """Exact nearest neighbour of [beta * s, a] among all dataset keys [beta * s_i, a_i]; returns a_i.
 
@@ -512,6 +634,7 @@ class NearestDatasetAction:
             # data and settings as the process's, when first needed
             self.caller_share = 0
             self.share_search = share_search
+            self.inline = False  # `SearchLayout` chose the search inline, in the caller's copy of the index
             self._share_estimate = 0.0
             self._searches = 0
             self._local: NearestDatasetAction | None = None
@@ -542,6 +665,11 @@ class NearestDatasetAction:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    @property
+    def in_process(self) -> bool:
+        """The searches go to the search process now (it exists, and `SearchLayout` has not chosen inline)."""
+        return self.process is not None and not self.inline
 
     @property
     def on_host(self) -> bool:
@@ -664,6 +792,8 @@ class NearestDatasetAction:
         """Row index of each query's nearest dataset key, as a long tensor on the actions' device. `rows`, the
         dataset row each query's state comes from (-1: none), lets the state neighbours answer (same answer)."""
         if self.process is not None:
+            if self.inline:
+                return self._local_index().nearest_index(norm_obs, action, rows)
             return self.start_search(norm_obs, action, rows).result()
         query = self._query(norm_obs, action)
         if self.on_host:
@@ -677,6 +807,8 @@ class NearestDatasetAction:
         """Begin a host search in the search process, or else on the helper thread, and return at once;
         `.result()` gives `nearest_index`'s answer. On the helper thread, the caller's thread takes the remaining
         queries when it asks (so both cores finish them)."""
+        if self.process is not None and self.inline:
+            return self._local_index().start_search(norm_obs, action, rows)
         query, host_rows = self._query(norm_obs, action).cpu().numpy(), self._host_rows(rows)
         if self.process is not None:
             return self._start_in_process_and_here(query, host_rows)

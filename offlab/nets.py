@@ -62,11 +62,12 @@ def _float32_region(x: torch.Tensor):
 
 
 class OutputLinear(nn.Linear):
-    """nn.Linear that computes in float32 even under mixed precision (a network's output layer)."""
+    """nn.Linear that computes in its weights' precision even under mixed precision (a network's output layer:
+    float32, or float64 for a network made double)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _float32_region(x):
-            return F.linear(x.float(), self.weight, self.bias)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256), activation=nn.ReLU,

@@ -98,6 +98,26 @@ def torch_threads_beside(learner, cores: int) -> int:
     return max(1, cores - getattr(learner, "side_cores", 0))
 
 
+def same_bits_on_thread_counts(counts: tuple[int, ...], compute: Callable[[], list]) -> bool:
+    """Whether `compute()` returns bit-identical tensors with torch on each of the thread counts `counts` (torch's
+    count restored after). A learner that may change its thread count during a run asks first, so that the run's
+    numbers cannot depend on when it changed: a kernel's order of summation is set by the shapes and the thread
+    count, not the values, so one batch through the learner's own computation answers for all of them."""
+    import torch
+
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in dict.fromkeys(counts):
+            torch.set_num_threads(n)
+            results.append([t.detach().clone() for t in compute()])
+    finally:
+        torch.set_num_threads(before)
+    first = results[0]
+    return all(len(r) == len(first) and all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                                            for a, b in zip(r, first, strict=True)) for r in results[1:])
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a container's or taskset's share, not the host's count."""
     try:

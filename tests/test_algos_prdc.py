@@ -20,8 +20,8 @@ from offlab.algos.prdc import PRDC, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
-from offlab.neighbours import NearestDatasetAction
-from offlab.threads import usable_cores
+from offlab.neighbours import NearestDatasetAction, SearchLayout
+from offlab.threads import same_bits_on_thread_counts, usable_cores
 from offlab.training import update_on
 
 SMALL = (64, 64)
@@ -751,3 +751,109 @@ def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopp
     assert fast.notices == [] and ivf.notices == [] and ivf._search_wait is None
     for a, b in zip(slow.actor.parameters(), fast.actor.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def drive(layout: SearchLayout, cost: dict[str, float], updates: int) -> list[str]:
+    """Tick `layout` through `updates` updates on a clock where each update takes `cost` seconds of the layout it
+    ran in; the layout of each update."""
+    now, seen = 0.0, []
+    for _ in range(updates):
+        layout.tick(None, now)
+        seen.append(layout.layout)
+        now += cost[layout.layout]
+    return seen
+
+
+def trial_starts(seen: list[str], layout: str) -> list[int]:
+    return [i for i in range(1, len(seen)) if seen[i] == layout and seen[i - 1] != layout]
+
+
+def test_the_search_layout_keeps_the_faster_and_times_the_slower_again_less_often_as_it_keeps_losing():
+    """Process first; inline is tried after FIRST_TRIAL updates (once torch is found to give the same bits on
+    both thread counts) and kept while faster, torch then on the search process's core too; the slower layout is
+    timed again after RETRY blocks times how much slower it was, then twice, four times as long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        index, checked = type("Index", (), {"inline": False})(), []
+        layout = SearchLayout(index, lambda threads, batch: checked.append(threads) or True, usable=lambda: 2)
+        threads = []
+        now = 0.0
+        seen = []
+        for _ in range(8000):
+            layout.tick(None, now)
+            seen.append(layout.layout)
+            threads.append((torch.get_num_threads(), index.inline))
+            now += {"process": 0.005, "inline": 0.004}[layout.layout]
+        assert set(seen[:SearchLayout.FIRST_TRIAL]) == {"process"} and checked == [(1, 2)]
+        assert all(t == ((2, True) if s == "inline" else (1, False)) for s, t in zip(seen, threads, strict=True))
+        assert seen[-1] == "inline" and seen[1000:].count("inline") / len(seen[1000:]) > 0.9
+        starts = trial_starts(seen, "process")
+        gaps = np.diff(starts) // SearchLayout.BLOCK  # blocks from one trial of the slower to the next
+        assert len(starts) >= 3 and gaps[0] >= SearchLayout.RETRY * 1.25 and all(np.diff(gaps) > 0)
+
+        # inline three times slower: tried once, then after 30 blocks, then after 60 (plus the trials' own blocks)
+        layout = SearchLayout(type("Index", (), {"inline": False})(), lambda threads, batch: True, usable=lambda: 2)
+        seen = drive(layout, {"process": 0.003, "inline": 0.009}, 12000)
+        starts = trial_starts(seen, "inline")
+        assert starts[0] == SearchLayout.FIRST_TRIAL and seen[-1] == "process"
+        assert [round(g / SearchLayout.BLOCK) for g in np.diff(starts)[:2]] == [31, 61]
+        assert seen.count("inline") / len(seen) < 0.05
+
+        # torch's bits differ between the thread counts: never inline, asked once
+        checked = []
+        layout = SearchLayout(type("Index", (), {"inline": False})(), lambda threads, batch: checked.append(1) or False,
+                              usable=lambda: 2)
+        assert set(drive(layout, {"process": 0.005, "inline": 0.001}, 5000)) == {"process"} and checked == [1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_same_bits_on_thread_counts_tells_a_thread_dependent_result_apart():
+    before = torch.get_num_threads()
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    assert same_bits_on_thread_counts((1, 2), lambda: [x * 2.0, x.sum(0)])
+    assert not same_bits_on_thread_counts((1, 2), lambda: [torch.tensor(float(torch.get_num_threads()))])
+    assert torch.get_num_threads() == before
+
+
+def test_switching_the_search_layout_never_changes_the_numbers(hopper_random, monkeypatch):
+    """A PRDC whose layout switches every few updates (the search inline with torch on two threads, or in the search
+    process with torch on one) ends with the bits of one that never switches: the neighbours are exact in both, and
+    the switch happens only where torch gives the same bits on both thread counts. `side_cores` follows."""
+    import offlab.algos.prdc as prdc_module
+
+    monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(SearchLayout, "BLOCK", 3)
+    monkeypatch.setattr(SearchLayout, "SETTLE", 0)
+    monkeypatch.setattr(SearchLayout, "FIRST_TRIAL", 0)
+    data = Transitions(hopper_random)
+    g = torch.Generator().manual_seed(1)
+    batches = [data.sample(64, g) for _ in range(40)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fixed = make(data, search_process=True, switch_layout=False)
+        assert fixed.layout is None
+        update_on(fixed, batches)
+        switching = make(data, search_process=True)
+        layout = switching.layout
+        same = switching._same_numbers((1, 2), batches[0])
+        seen = []
+
+        def alternate(median):  # every block, the other layout (as a trial would), through the real checks
+            seen.append((layout.layout, torch.get_num_threads(), switching.side_cores))
+            return layout._trial("inline" if layout.layout == "process" else "process")
+
+        monkeypatch.setattr(layout, "next_layout", alternate)
+        update_on(switching, batches)
+    finally:
+        torch.set_num_threads(before)
+    if same:
+        assert ("inline", 2, 0) in seen and ("process", 1, 1) in seen and layout.switches >= 10
+        assert switching.nearest_dataset_action._local is not None
+    else:  # this CPU's torch sums differently on two threads: the search stays in the process
+        assert {s[0] for s in seen} == {"process"} and layout.switches == 0
+    for name in PRDC.STATE_PARTS[:4]:
+        for a, b in zip(getattr(fixed, name).parameters(), getattr(switching, name).parameters(), strict=True):
+            assert torch.equal(a, b), name

@@ -127,13 +127,19 @@ print(*(hashlib.sha256(cols[k].tobytes()).hexdigest() for k in ("obs", "action",
 @needs_hopper
 def test_a_build_does_not_depend_on_the_cpus_vector_instructions():
     # torch's float32 kernels round a few ulps differently under AVX2 and without it (and under AVX-512), which
-    # used to change ~11% of the logged behaviour log-probs, and so the content hash, from one machine to another
+    # used to change ~11% of the logged behaviour log-probs, and so the content hash, from one machine to another.
+    # And MKL's float32 products in the behaviour actor: its AVX-512 kernels on an Intel CPU and its AVX2 ones (an
+    # AMD CPU's) gave other actions, so another rollout (session 31); MKL_CBWR=COMPATIBLE is its SSE code path,
+    # different from the default on any x86-64 CPU
+    variants = {"as is": {}, "ATen scalar": {"ATEN_CPU_CAPABILITY": "default"},
+                "ATen AVX2": {"ATEN_CPU_CAPABILITY": "avx2"}, "MKL AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+                "MKL SSE": {"MKL_CBWR": "COMPATIBLE"}}
     digests = {}
-    for isa in ("default", "avx2"):  # ATen's scalar kernels, then its AVX2 ones (any x86-64 CPU of the last decade)
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    for name, extra in variants.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")} | extra
         out = subprocess.run([sys.executable, "-c", _LOGP_PROBE], env=env, capture_output=True, text=True, check=True)
-        digests[isa] = out.stdout.split()
-    assert digests["default"] == digests["avx2"]
+        digests[name] = out.stdout.split()
+    assert all(d == digests["as is"] for d in digests.values()), digests
 
 
 def test_the_logged_log_prob_is_the_tanh_gaussian_density():

@@ -24,7 +24,12 @@ the learner. Differs from the reference code:
   28). Where that search outlasts the two critic steps (halfcheetah's first ~25,000 updates: the policy is far
   from the data), the training process, which would only wait for it, searches the last queries of each batch
   itself, as many as make both finish together (`share_search`, `NearestDatasetAction._balance`; a second copy
-  of the index): PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). On one
+  of the index): PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). Where the
+  search is cheap (the policy near the data) torch's second thread is worth more than the overlap, so the
+  learner times both layouts as training goes and keeps the faster (`switch_layout`, `SearchLayout`): the search
+  inline in the training process with torch on every core, or in the process with torch on one core fewer. On
+  hopper data on an Intel Xeon, updates 800-3,500: 1.28x TD3+BC's time against 1.49x in the process alone
+  (session 31). The numbers are the same in both (checked: torch's bits on both thread counts). On one
   core, or with `search_process=false`: with one torch thread the search runs on a helper
   thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
   chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
@@ -71,7 +76,7 @@ import torch
 from offlab.algos.base import LearnerSpec, check_settings, register
 from offlab.algos.losses import q_normalised_bc_actor_loss, td3_critic_loss
 from offlab.errors import ConfigError
-from offlab.neighbours import NearestDatasetAction, PendingSearch, SearchProcess
+from offlab.neighbours import NearestDatasetAction, PendingSearch, SearchLayout, SearchProcess
 from offlab.nets import (
     NOISE,
     DeterministicActor,
@@ -87,7 +92,7 @@ from offlab.nets import (
     stream_generator,
     take_step,
 )
-from offlab.threads import usable_cores
+from offlab.threads import same_bits_on_thread_counts, usable_cores
 
 SEARCHES = ("auto", "kdtree", "exact", "ivf")
 
@@ -132,6 +137,8 @@ class PRDCConfig:
     """With 2+ cores, run the host search (kdtree, ivf) in a worker process beside the critic steps, with torch on one core fewer (same results, faster)."""
     share_search: bool = True
     """With the search process: when it is slower than the critic steps, the training process searches a share of each batch too (a second copy of the index: about 1 GB for 1M rows; same results, faster)."""
+    switch_layout: bool = True
+    """With the search process: time training with the search inline (torch on every core) against the process, and keep the faster (`SearchLayout`; same results: used only where torch gives the same bits on both thread counts)."""
     state_neighbours: int = 128
     """kdtree: each dataset state's this many nearest states (4 bytes each per row: 512 MB for 1M rows) answer most queries without the tree (exact; 0: off)."""
 
@@ -214,9 +221,7 @@ class PRDC:
         # The index is built once from the whole dataset. Without data (a policy rebuilt from its saved
         # state, e.g. the MLflow pyfunc model) the learner can act but not update.
         self.nearest_dataset_action: NearestDatasetAction | None = None
-        self.side_cores = 0
-        """Cores the learner keeps busy beside torch's threads: 1 with the search process. A training loop left
-        to choose torch's thread count gives torch that many cores fewer."""
+        self.layout: SearchLayout | None = None  # with the search process: where the search runs, timed
         if spec.data is not None:
             search = config.nn_search
             if search == "auto":
@@ -231,9 +236,18 @@ class PRDC:
                                                                state_neighbours=config.state_neighbours,
                                                                search_process=in_process,
                                                                share_search=config.share_search)
-            self.side_cores = 1 if in_process else 0
+            if in_process and config.switch_layout:
+                self.layout = SearchLayout(self.nearest_dataset_action, self._same_numbers, usable_cores)
             if search == "kdtree":
                 self._search_wait = []
+
+    @property
+    def side_cores(self) -> int:
+        """Cores the learner keeps busy beside torch's threads now: 1 while its search process searches. A training
+        loop left to choose torch's thread count gives torch that many cores fewer (`SearchLayout` gives torch the
+        core back while the search runs inline)."""
+        index = self.nearest_dataset_action
+        return 1 if index is not None and index.in_process else 0
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -246,13 +260,15 @@ class PRDC:
         index = self.nearest_dataset_action
         if index is None:
             raise ConfigError("PRDC needs the dataset to build its neighbour index; pass LearnerSpec.from_transitions(data)")
+        if self.layout is not None:
+            self.layout.tick(batch)
         actor_step = (self.updates + 1) % cfg.policy_freq == 0
         # The search process has a core of its own (`side_cores`) and shares no interpreter lock with torch: it
         # always overlaps the critic steps. A helper thread overlaps them only when torch runs on one thread
         # (the search then has a core of its own); with more, torch's critic step keeps every core busy and
         # a search beside it would contend with it: inline after the critic step it cost less on two cores
         # (1.19-1.37x TD3+BC against 1.42-1.51x, benchmarks/d3rlpy_speed.md, session 21).
-        overlap = cfg.overlap_search and index.on_host and (index.process is not None or torch.get_num_threads() == 1)
+        overlap = cfg.overlap_search and index.on_host and (index.in_process or torch.get_num_threads() == 1)
         pending = pi = s = None
         early, self._early = self._early, None
         if early is not None:
@@ -291,7 +307,7 @@ class PRDC:
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
                 waited = time.perf_counter()
                 nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi, batch.rows)
-                if self._search_wait is not None:
+                if self._search_wait is not None and not (self.layout is not None and index.inline):
                     self._time_search(time.perf_counter() - waited)
                 # -lambda * mean Q + mean ||pi(s) - a_nn||^2, lambda = alpha / mean|Q| detached
                 actor_loss, constraint = q_normalised_bc_actor_loss(q, pi, nearest_action, cfg.alpha)
@@ -301,6 +317,29 @@ class PRDC:
             metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": constraint.item(),
                         "train/q_mean": q.mean().item()}
         return metrics
+
+    def _same_numbers(self, threads: tuple[int, ...], batch) -> bool:
+        """Whether torch computes this learner's losses and gradients on `batch` with the same bits on each of the
+        `threads` counts (`SearchLayout` switches between them). Nothing is changed: the gradients are returned,
+        not accumulated, and the smoothing noise comes from a generator of its own."""
+        cfg = self.cfg
+        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
+
+        def compute() -> list:
+            s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
+            noise = torch.Generator(device=self.device).manual_seed(0)
+            critic_loss = td3_critic_loss(
+                self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
+                batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
+                noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=noise)
+            critic_grads = torch.autograd.grad(critic_loss, critic_params)
+            with grads_off(self.critic):  # as the actor step
+                pi = self.actor(s)
+                actor_loss, _ = q_normalised_bc_actor_loss(self.critic.member(s, pi, 0), pi, batch.action, cfg.alpha)
+                actor_grads = torch.autograd.grad(actor_loss, actor_params)
+            return [critic_loss, actor_loss, pi, *critic_grads, *actor_grads]
+
+        return same_bits_on_thread_counts(threads, compute)
 
     def _time_search(self, seconds: float) -> None:
         """Time some actor steps' waits for the exact search; when they are slow, leave a notice (once). Only the

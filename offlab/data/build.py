@@ -142,7 +142,10 @@ class _Actor:
                 )
             self.net = TanhGaussianActor(in_dim, out_dim, sizes, max_action=1.0)
             self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in t.items()})
-            self.net.eval()
+            # float64: BLAS's float32 products round differently with its code path (MKL's AVX-512 kernels on an
+            # Intel CPU against its AVX2 ones on AMD changed the actions, so the whole rollout, session 31); in
+            # float64 such differences almost never survive the actions' rounding to float32
+            self.net.double().eval()
         elif source.kind == "mlflow":
             self.net = _load_pyfunc(source.uri)
         self.scale = (self.high - self.low) / 2
@@ -158,14 +161,15 @@ class _Actor:
             return self.center + self.scale * u, logp
         if self.source.kind == "tanh_gaussian":
             with torch.no_grad():
-                mean, log_std = self.net.distribution_params(torch.from_numpy(obs))
+                mean, log_std = self.net.distribution_params(torch.from_numpy(np.asarray(obs, np.float64)))
             mean, log_std = mean.numpy(), log_std.numpy()
-            eps = np.stack([g.standard_normal(self.action_dim) for g in rng]).astype(np.float32)
+            eps = np.stack([g.standard_normal(self.action_dim) for g in rng])
             if noise > 0:  # deterministic mean + Gaussian noise, clipped to the box
                 return self._gaussian_noise(np.tanh(mean), eps, noise)
-            u = mean + np.exp(log_std) * eps
+            u = mean + np.exp(log_std) * eps  # float64 throughout, rounded to float32 once at the end
             logp = _tanh_gaussian_log_prob64(u, mean, log_std) - np.log(self.scale.astype(np.float64)).sum()
-            return self.center + self.scale * np.tanh(u), logp.astype(np.float32)
+            action = self.center.astype(np.float64) + self.scale.astype(np.float64) * np.tanh(u)
+            return action.astype(np.float32), logp.astype(np.float32)
         # a deterministic policy (MLflow model), optionally with Gaussian exploration noise
         a = np.asarray(self.net.predict(obs), dtype=np.float32).reshape(n, -1)
         if a.shape[1] != self.action_dim:
@@ -179,7 +183,7 @@ class _Actor:
         a = unit_action + noise * eps
         # density of the Gaussian before clipping (exact wherever the action stays inside the box)
         logp = (-0.5 * eps**2 - math.log(noise) - 0.5 * math.log(2 * math.pi)).sum(-1) - np.log(self.scale).sum()
-        return self.center + self.scale * np.clip(a, -1, 1), logp.astype(np.float32)
+        return (self.center + self.scale * np.clip(a, -1, 1)).astype(np.float32), logp.astype(np.float32)
 
 
 def _tanh_gaussian_log_prob64(u: np.ndarray, mean: np.ndarray, log_std: np.ndarray) -> np.ndarray:
