@@ -408,7 +408,10 @@ def act_on_numpy(policy, obs: np.ndarray, device: torch.device | str, low: np.nd
 
     Returns float32 actions of the same leading shape, clipped to the action box [low, high].
     """
-    x = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)
+    # C order: a column-major batch (a pandas frame's values) would take another matrix kernel, whose float32 sums
+    # round differently on some CPUs (MKL's AVX-512 path on an Intel Xeon), so the same observations would get
+    # other actions
+    x = torch.as_tensor(np.ascontiguousarray(obs, dtype=np.float32), device=device)
     single = x.dim() == 1
     action = policy(x.unsqueeze(0) if single else x).cpu().numpy()
     action = np.clip(action, low, high).astype(np.float32, copy=False)

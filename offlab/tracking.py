@@ -384,7 +384,7 @@ def observations_array(model_input: Any) -> np.ndarray:
     """Observations as float32 [B, obs_dim] from numpy, pandas or lists."""
     if hasattr(model_input, "to_numpy"):
         model_input = model_input.to_numpy()
-    obs = np.array(model_input, dtype=np.float32)  # a writable copy
+    obs = np.array(model_input, dtype=np.float32, order="C")  # a writable copy, row-major as the learner's own
     return obs.reshape(1, -1) if obs.ndim == 1 else obs.reshape(len(obs), -1)
 
 

@@ -316,3 +316,16 @@ def test_polyak_moves_every_target_parameter_by_tau_and_refuses_mismatched_netwo
     assert not any(p.requires_grad for p in freeze(target).parameters())
     with pytest.raises(ValueError, match="parameters"):
         polyak(target, EnsembleCritic(3, 2, 2, (64,)), 0.25)
+
+
+@pytest.mark.parametrize("name", sorted(ALGOS))
+def test_act_gives_the_same_actions_for_a_column_major_batch(name, hopper_random):
+    """A pandas frame's values are column-major; the policy must see them as the row-major batch they equal (on an
+    Intel Xeon MKL's kernel for the transposed layout rounded differently, and the pyfunc model's `predict` gave
+    other actions for a DataFrame than for the same array)."""
+    data = Transitions(hopper_random)
+    cls = ALGOS[name]
+    learner = cls(cls.Config(), LearnerSpec.from_transitions(data))  # the default 256-256 networks
+    for rows in (7, 64):
+        obs = np.ascontiguousarray(data.obs[:rows].numpy())
+        assert np.array_equal(learner.act(np.asfortranarray(obs)), learner.act(obs)), rows
