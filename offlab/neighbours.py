@@ -484,13 +484,16 @@ class SearchLayout:
 
     So the layout is timed: the median wall time per update over blocks of BLOCK updates (the median leaves out
     an evaluation between two updates; the first SETTLE updates after a switch are left out, the caller's copy
-    of the index being built in one of them), and each layout's cost is the median of its last KEEP blocks, so
-    that one slow block does not decide. The faster stays. The slower is timed again after RETRY blocks times how
+    of the index being built in one of them). Each layout's cost is the median of its current stint's last KEEP
+    blocks (a trial lasts TRIAL_BLOCKS), so that one slow block does not decide, and the blocks of an earlier
+    stint, when the search may have cost more, do not count. The faster stays. The slower is timed again after RETRY blocks times how
     many times slower it was, doubled for each trial in a row that it lost after the first (at most RETRY_MAX
     blocks): the trials cost a few percent of the time at most. The first trial of "inline" comes after
     FIRST_TRIAL updates, and only if torch computes the learner's update with the same bits on both thread
     counts (`same_numbers`, checked once): the neighbours are exact in both layouts, so the run's numbers never
-    depend on the layout or its timing.
+    depend on the layout or its timing. No trial of "inline" is made while its search alone (`inline_floor`: the
+    search process's recent seconds per batch, per update) would take longer than an update in the process
+    (halfcheetah's transient): that spares the trial and the caller's copy of the index (about 1 GB for 1M rows).
     """
 
     BLOCK = 100
@@ -499,10 +502,12 @@ class SearchLayout:
     RETRY = 10
     RETRY_MAX = 200
     KEEP = 3
+    TRIAL_BLOCKS = 2
 
     def __init__(self, index: NearestDatasetAction, same_numbers: Callable[[tuple[int, ...], Any], bool],
-                 usable: Callable[[], int]):
+                 usable: Callable[[], int], inline_floor: Callable[[], float] | None = None):
         self.index, self.same_numbers, self.usable = index, same_numbers, usable
+        self.inline_floor = inline_floor  # seconds per update the inline layout cannot beat (its search alone)
         self.layout = "process"
         self.cost: dict[str, float] = {}  # seconds per update of each layout: the median of its last KEEP blocks
         self._recent: dict[str, list[float]] = {}  # those blocks' medians
@@ -549,7 +554,9 @@ class SearchLayout:
         if other not in self.cost:
             return self._trial(other)
         fast, slow = sorted(self.cost, key=self.cost.get)
-        if self.on_trial:  # the trial's block: it won (stay) or lost (back)
+        if self.on_trial:  # the trial's blocks: it won (stay) or lost (back)
+            if len(recent) < self.TRIAL_BLOCKS:
+                return None
             self.on_trial, self.since_trial = False, 0
             self.lost_trials = 0 if layout == fast else self.lost_trials + 1
             return None if layout == fast else fast
@@ -560,7 +567,11 @@ class SearchLayout:
         return self._trial(slow) if self.since_trial >= min(wait, self.RETRY_MAX) else None
 
     def _trial(self, layout: str) -> str | None:
-        """Switch to `layout` for a block (None: inline is not allowed here)."""
+        """Switch to `layout` for a block (None: inline is not allowed here, or its search alone would take longer
+        than an update in the process: no trial, and no copy of the index built for it)."""
+        if layout == "inline" and self.inline_floor is not None and "process" in self.cost and \
+                self.inline_floor() >= self.cost["process"]:
+            return None
         if layout == "inline" and not self._inline_ok():
             return None
         self.on_trial, self.since_trial = True, 0
@@ -586,6 +597,7 @@ class SearchLayout:
             torch.set_num_threads(self.process_threads)
             self.index.inline = False
         self.layout = layout
+        self._recent[layout] = []  # a stint's cost is its own blocks': the last stint's are out of date
         self.switches += 1
 
 
@@ -637,6 +649,7 @@ class NearestDatasetAction:
             self.inline = False  # `SearchLayout` chose the search inline, in the caller's copy of the index
             self._share_estimate = 0.0
             self._searches = 0
+            self.batch_seconds = 0.0  # the search process's seconds per batch lately (`_balance`)
             self._local: NearestDatasetAction | None = None
             self._local_args = (norm_obs, actions, settings)
             return
@@ -858,6 +871,8 @@ class NearestDatasetAction:
         first ~25,000 updates) the caller, which would only wait, searches about half of each batch. Smoothed over
         searches; it changes the time, never the answer (each query's neighbour is exact wherever it is searched)."""
         self._searches += 1
+        batch_seconds = process_s / (n - mine) * n  # the whole batch at the process's pace
+        self.batch_seconds = batch_seconds if self._searches == 1 else 0.9 * self.batch_seconds + 0.1 * batch_seconds
         if not self.share_search or self._searches <= self.BALANCE_AFTER or n < 2:
             return
         per_query = process_s / (n - mine)

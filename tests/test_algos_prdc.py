@@ -792,13 +792,24 @@ def test_the_search_layout_keeps_the_faster_and_times_the_slower_again_less_ofte
         gaps = np.diff(starts) // SearchLayout.BLOCK  # blocks from one trial of the slower to the next
         assert len(starts) >= 3 and gaps[0] >= SearchLayout.RETRY * 1.25 and all(np.diff(gaps) > 0)
 
-        # inline three times slower: tried once, then after 30 blocks, then after 60 (plus the trials' own blocks)
+        # inline three times slower: tried once, then after 30 blocks, then after 60 (plus the trial's own blocks)
         layout = SearchLayout(type("Index", (), {"inline": False})(), lambda threads, batch: True, usable=lambda: 2)
         seen = drive(layout, {"process": 0.003, "inline": 0.009}, 12000)
         starts = trial_starts(seen, "inline")
         assert starts[0] == SearchLayout.FIRST_TRIAL and seen[-1] == "process"
-        assert [round(g / SearchLayout.BLOCK) for g in np.diff(starts)[:2]] == [31, 61]
-        assert seen.count("inline") / len(seen) < 0.05
+        trial = SearchLayout.TRIAL_BLOCKS
+        assert [round(g / SearchLayout.BLOCK) for g in np.diff(starts)[:2]] == [30 + trial, 60 + trial]
+        assert seen.count("inline") / len(seen) < 0.06  # three trials of two blocks in 12,000 updates
+
+        # the search alone would take longer inline than a whole update in the process: no trial, nothing built
+        # (not even the bits asked), until the search gets cheap
+        floor, checked = [0.008], []
+        layout = SearchLayout(type("Index", (), {"inline": False})(), lambda threads, batch: checked.append(1) or True,
+                              usable=lambda: 2, inline_floor=lambda: floor[0])
+        assert set(drive(layout, {"process": 0.005, "inline": 0.004}, 3000)) == {"process"} and checked == []
+        floor[0] = 0.001
+        seen = drive(layout, {"process": 0.005, "inline": 0.004}, 1000)
+        assert seen[-1] == "inline" and checked == [1]
 
         # torch's bits differ between the thread counts: never inline, asked once
         checked = []

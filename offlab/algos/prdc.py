@@ -237,7 +237,9 @@ class PRDC:
                                                                search_process=in_process,
                                                                share_search=config.share_search)
             if in_process and config.switch_layout:
-                self.layout = SearchLayout(self.nearest_dataset_action, self._same_numbers, usable_cores)
+                index = self.nearest_dataset_action
+                self.layout = SearchLayout(index, self._same_numbers, usable_cores,
+                                           inline_floor=lambda: index.batch_seconds / config.policy_freq)
             if search == "kdtree":
                 self._search_wait = []
 
