@@ -871,11 +871,11 @@ class NearestDatasetAction:
         first ~25,000 updates) the caller, which would only wait, searches about half of each batch. Smoothed over
         searches; it changes the time, never the answer (each query's neighbour is exact wherever it is searched)."""
         self._searches += 1
-        batch_seconds = process_s / (n - mine) * n  # the whole batch at the process's pace
+        per_query = process_s / (n - mine)
+        batch_seconds = n * per_query  # the whole batch at the process's pace (`SearchLayout`'s inline floor)
         self.batch_seconds = batch_seconds if self._searches == 1 else 0.9 * self.batch_seconds + 0.1 * batch_seconds
         if not self.share_search or self._searches <= self.BALANCE_AFTER or n < 2:
             return
-        per_query = process_s / (n - mine)
         own_per_query = own_s / mine if mine else per_query
         target = (n * per_query - before_s) / max(per_query + own_per_query, 1e-12)
         # averaged before the share is clipped at 0, so that a search that seldom outlasts the critic steps

@@ -293,11 +293,7 @@ class PRDC:
             s_next = self.normalizer(upcoming.obs)
             pi_next = self.actor(s_next)
             self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
-        critic_loss = td3_critic_loss(
-            self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
-            batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
-            noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=self.generator,
-        )
+        critic_loss = self._critic_loss(s, s2, batch, self.generator)
         take_step(self.critic_opt, critic_loss)
         self.updates += 1
         metrics = {"train/critic_loss": critic_loss.item()}
@@ -320,6 +316,15 @@ class PRDC:
                         "train/q_mean": q.mean().item()}
         return metrics
 
+    def _critic_loss(self, s: torch.Tensor, s2: torch.Tensor, batch, generator: torch.Generator) -> torch.Tensor:
+        """TD3's clipped double-Q loss on normalised s, s2, the smoothing noise drawn from `generator`."""
+        cfg = self.cfg
+        return td3_critic_loss(
+            self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
+            batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
+            noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=generator,
+        )
+
     def _same_numbers(self, threads: tuple[int, ...], batch) -> bool:
         """Whether torch computes this learner's losses and gradients on `batch` with the same bits on each of the
         `threads` counts (`SearchLayout` switches between them). Nothing is changed: the gradients are returned,
@@ -329,11 +334,7 @@ class PRDC:
 
         def compute() -> list:
             s, s2 = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
-            noise = torch.Generator(device=self.device).manual_seed(0)
-            critic_loss = td3_critic_loss(
-                self.critic, self.critic_target, self.actor_target, s, batch.action, batch.reward, s2,
-                batch.terminated, gamma=cfg.gamma, policy_noise=cfg.policy_noise * self.max_action,
-                noise_clip=cfg.noise_clip * self.max_action, max_action=self.max_action, generator=noise)
+            critic_loss = self._critic_loss(s, s2, batch, torch.Generator(device=self.device).manual_seed(0))
             critic_grads = torch.autograd.grad(critic_loss, critic_params)
             with grads_off(self.critic):  # as the actor step
                 pi = self.actor(s)
