@@ -425,6 +425,8 @@ class Trainer:
         self.learner = self.algo_cls(cfg, self.spec, device)
         if getattr(self.learner, "side_cores", 0) and not run.threads:  # a core kept busy beside torch (PRDC)
             torch.set_num_threads(torch_threads_beside(self.learner, usable_cores()))
+        if run.threads and hasattr(self.learner, "hold_threads"):  # the user's count: the learner keeps it
+            self.learner.hold_threads()
         self.sampler = stream_generator(run.seed, BATCHES)
         rows = getattr(self.learner, "training_rows", None)
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)

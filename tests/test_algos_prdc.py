@@ -830,8 +830,9 @@ def test_same_bits_on_thread_counts_tells_a_thread_dependent_result_apart():
 
 def test_switching_the_search_layout_never_changes_the_numbers(hopper_random, monkeypatch):
     """A PRDC whose layout switches every few updates (the search inline with torch on two threads, or in the search
-    process with torch on one) ends with the bits of one that never switches: the neighbours are exact in both, and
-    the switch happens only where torch gives the same bits on both thread counts. `side_cores` follows."""
+    process with torch on one), and one that lends torch the search process's core while it has nothing to search,
+    end with the bits of one that does neither: the neighbours are exact in every layout, and the thread count
+    changes only where torch gives the same bits on both counts. `side_cores` follows."""
     import offlab.algos.prdc as prdc_module
 
     monkeypatch.setattr(prdc_module, "usable_cores", lambda: 2)
@@ -844,10 +845,16 @@ def test_switching_the_search_layout_never_changes_the_numbers(hopper_random, mo
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fixed = make(data, search_process=True, switch_layout=False)
+        fixed = make(data, search_process=True, switch_layout=False, lend_core=False)
         assert fixed.layout is None
         update_on(fixed, batches)
-        switching = make(data, search_process=True)
+        lending = make(data, search_process=True, switch_layout=False)
+        lent = []
+        searching = lending.layout.searching
+        monkeypatch.setattr(lending.layout, "searching",
+                            lambda busy: searching(busy) or lent.append((busy, torch.get_num_threads())))
+        update_on(lending, batches)
+        switching = make(data, search_process=True, switch_layout=True)
         layout = switching.layout
         same = switching._same_numbers((1, 2), batches[0])
         seen = []
@@ -863,8 +870,12 @@ def test_switching_the_search_layout_never_changes_the_numbers(hopper_random, mo
     if same:
         assert ("inline", 2, 0) in seen and ("process", 1, 1) in seen and layout.switches >= 10
         assert switching.nearest_dataset_action._local is not None
-    else:  # this CPU's torch sums differently on two threads: the search stays in the process
+        # lending: torch on both cores for each actor step once its neighbours came, on one while a search ran
+        assert (False, 2) in lent and (True, 1) in lent and lending.nearest_dataset_action._local is None
+    else:  # this CPU's torch sums differently on two threads: the search stays in the process, torch on one thread
         assert {s[0] for s in seen} == {"process"} and layout.switches == 0
-    for name in PRDC.STATE_PARTS[:4]:
-        for a, b in zip(getattr(fixed, name).parameters(), getattr(switching, name).parameters(), strict=True):
-            assert torch.equal(a, b), name
+        assert {n for _, n in lent} == {1}
+    for other in (lending, switching):
+        for name in PRDC.STATE_PARTS[:4]:
+            for a, b in zip(getattr(fixed, name).parameters(), getattr(other, name).parameters(), strict=True):
+                assert torch.equal(a, b), name

@@ -107,7 +107,8 @@ def test_two_threads_give_the_same_numbers_twice(algo):
 
 def test_a_learner_with_a_core_of_its_own_gets_torch_on_one_core_fewer(monkeypatch):
     """PRDC's search process keeps a core busy (`side_cores`): a run that leaves the thread count to the machine
-    gives torch the other cores; one that names its count gets it."""
+    gives torch the other cores (and PRDC lends torch the search's core when it is idle); one that names its count
+    gets it, and PRDC never changes it."""
     import offlab.algos.prdc as prdc_module
     from offlab.data import registry
 
@@ -121,6 +122,8 @@ def test_a_learner_with_a_core_of_its_own_gets_torch_on_one_core_fewer(monkeypat
                                        progress=False)
             assert getattr(trainer.learner, "side_cores", 0) == (algo == "prdc")
             assert torch.get_num_threads() == expected
+            if algo == "prdc":
+                assert (trainer.learner.layout is None) == bool(threads)
             trainer.close()
             assert torch.get_num_threads() == before
     finally:

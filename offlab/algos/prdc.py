@@ -25,11 +25,16 @@ the learner. Differs from the reference code:
   from the data), the training process, which would only wait for it, searches the last queries of each batch
   itself, as many as make both finish together (`share_search`, `NearestDatasetAction._balance`; a second copy
   of the index): PRDC's updates on halfcheetah-medium took 70 ms against 105 ms without (session 30). Where the
-  search is cheap (the policy near the data) torch's second thread is worth more than the overlap, so the
-  learner times both layouts as training goes and keeps the faster (`switch_layout`, `SearchLayout`): the search
-  inline in the training process with torch on every core, or in the process with torch on one core fewer. On
-  hopper data on an Intel Xeon, updates 800-3,500: 1.28x TD3+BC's time against 1.49x in the process alone
-  (session 31). The numbers are the same in both (checked: torch's bits on both thread counts). On one
+  search is cheap (the policy near the data) torch's second thread is worth more than the overlap, so torch
+  takes the search process's core whenever it has nothing to search (`lend_core`, `SearchLayout.searching`):
+  from the start of an update, or from the critic's backward pass, once the search has answered, to the start of
+  the next search. On an Intel Xeon: 1.20x TD3+BC's time against 1.48x without (100k hopper rows, updates
+  800-3,500), 1.25-1.46x against 1.46-1.50x (hopper-medium, updates 500-5,500), 1.31x against 1.47x
+  (halfcheetah-medium from update 60,000; session 32). Opt-in (`switch_layout`): time the search inline, in the
+  training process with torch on every core, against the process as training goes, and keep the faster; beside
+  lending it gained nothing, and its trials of inline cost up to 2.5x TD3+BC's time per update on hopper-medium.
+  The numbers are the same in every layout (checked: torch's bits on both thread counts, else torch keeps one
+  count). On one
   core, or with `search_process=false`: with one torch thread the search runs on a helper
   thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
   chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
@@ -137,8 +142,10 @@ class PRDCConfig:
     """With 2+ cores, run the host search (kdtree, ivf) in a worker process beside the critic steps, with torch on one core fewer (same results, faster)."""
     share_search: bool = True
     """With the search process: when it is slower than the critic steps, the training process searches a share of each batch too (a second copy of the index: about 1 GB for 1M rows; same results, faster)."""
-    switch_layout: bool = True
-    """With the search process: time training with the search inline (torch on every core) against the process, and keep the faster (`SearchLayout`; same results: used only where torch gives the same bits on both thread counts)."""
+    switch_layout: bool = False
+    """With the search process: time training with the search inline (torch on every core) against the process, and keep the faster (`SearchLayout`; same results: used only where torch gives the same bits on both thread counts). Off by default: with `lend_core` the process was as fast or faster, without the trials or a second copy of the index."""
+    lend_core: bool = True
+    """With the search process: while it has nothing to search (the actor step once its neighbours have come), torch runs on its core too (same results: used only where torch gives the same bits on both thread counts)."""
     state_neighbours: int = 128
     """kdtree: each dataset state's this many nearest states (4 bytes each per row: 512 MB for 1M rows) answer most queries without the tree (exact; 0: off)."""
 
@@ -236,10 +243,11 @@ class PRDC:
                                                                state_neighbours=config.state_neighbours,
                                                                search_process=in_process,
                                                                share_search=config.share_search)
-            if in_process and config.switch_layout:
+            if in_process and (config.switch_layout or config.lend_core):
                 index = self.nearest_dataset_action
                 self.layout = SearchLayout(index, self._same_numbers, usable_cores,
-                                           inline_floor=lambda: index.batch_seconds / config.policy_freq)
+                                           inline_floor=lambda: index.batch_seconds / config.policy_freq,
+                                           switch=config.switch_layout, lend=config.lend_core)
             if search == "kdtree":
                 self._search_wait = []
 
@@ -250,6 +258,11 @@ class PRDC:
         core back while the search runs inline)."""
         index = self.nearest_dataset_action
         return 1 if index is not None and index.in_process else 0
+
+    def hold_threads(self) -> None:
+        """The caller chose torch's thread count (`offlab fit --threads`): keep it. The search stays in its process
+        (when it has one) and torch never takes its core (`lend_core`) nor moves it inline (`switch_layout`)."""
+        self.layout = None
 
     @classmethod
     def defaults_for(cls, dataset_name: str) -> dict[str, Any]:
@@ -293,7 +306,14 @@ class PRDC:
             s_next = self.normalizer(upcoming.obs)
             pi_next = self.actor(s_next)
             self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
+        # torch off the search process's core while it searches, and on it once the search is done (`lend_core`)
+        in_flight = self._early.search if self._early is not None else pending
+        busy = in_flight is not None and not in_flight.ready()
+        if self.layout is not None:
+            self.layout.searching(busy)
         critic_loss = self._critic_loss(s, s2, batch, self.generator)
+        if busy and self.layout is not None and in_flight.ready():  # done before the backward pass: lend it that
+            self.layout.searching(False)
         take_step(self.critic_opt, critic_loss)
         self.updates += 1
         metrics = {"train/critic_loss": critic_loss.item()}
@@ -301,12 +321,14 @@ class PRDC:
         if actor_step:  # delayed actor and target update, as TD3+BC
             with grads_off(self.critic):  # the actor loss trains the actor only
                 pi = self.actor(s) if pi is None else pi
-                q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
                 waited = time.perf_counter()
                 nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi, batch.rows)
                 if self._search_wait is not None and not (self.layout is not None and index.inline):
                     self._time_search(time.perf_counter() - waited)
+                if self.layout is not None and pending is not None:
+                    self.layout.searching(False)
+                q = self.critic.member(s, pi, 0)  # Q1(s, pi(s))
                 # -lambda * mean Q + mean ||pi(s) - a_nn||^2, lambda = alpha / mean|Q| detached
                 actor_loss, constraint = q_normalised_bc_actor_loss(q, pi, nearest_action, cfg.alpha)
                 take_step(self.actor_opt, actor_loss)
@@ -314,6 +336,8 @@ class PRDC:
             polyak(self.critic_target, self.critic, cfg.tau)
             metrics |= {"train/actor_loss": actor_loss.item(), "train/bc_loss": constraint.item(),
                         "train/q_mean": q.mean().item()}
+        if self.layout is not None:
+            self.layout.rest()
         return metrics
 
     def _critic_loss(self, s: torch.Tensor, s2: torch.Tensor, batch, generator: torch.Generator) -> torch.Tensor:
