@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -670,8 +671,18 @@ def test_the_caller_searches_its_share_of_each_batch_with_the_process_neighbours
     a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
     expected = inline.nearest_index(s, a, rows)
     assert torch.equal(index.nearest_index(s, a, rows), expected) and index._local is None  # no share: not built
+    # `ready`: without a share, once the process has answered (what lending torch its core waits for)
+    pending = index.start_search(s, a, rows)
+    deadline = time.monotonic() + 60
+    while not pending.ready() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pending.ready() and torch.equal(pending.result(), expected)
     for share in (1, 40, 99, 500):  # 500: all but one query
         index.caller_share = share
+        pending = index.start_search(s, a, rows)
+        time.sleep(0.05)
+        assert not pending.ready()  # the caller's share is still to search
+        assert torch.equal(pending.result(), expected), share
         assert torch.equal(index.nearest_index(s, a, rows), expected), share
         assert torch.equal(index.nearest_index(s, a), inline.nearest_index(s, a)), share
     assert index._local is not None and index._local.process is None
