@@ -308,11 +308,11 @@ class PRDC:
             self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
         # torch off the search process's core while it searches, and on it once the search is done (`lend_core`)
         in_flight = self._early.search if self._early is not None else pending
-        busy = in_flight is not None and not in_flight.ready()
+        busy = self.layout is not None and in_flight is not None and not in_flight.ready()
         if self.layout is not None:
             self.layout.searching(busy)
         critic_loss = self._critic_loss(s, s2, batch, self.generator)
-        if busy and self.layout is not None and in_flight.ready():  # done before the backward pass: lend it that
+        if busy and in_flight.ready():  # done before the backward pass: torch takes the core for that
             self.layout.searching(False)
         take_step(self.critic_opt, critic_loss)
         self.updates += 1
