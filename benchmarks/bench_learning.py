@@ -113,9 +113,10 @@ def snapshot(args) -> None:
 
 def run(args) -> None:
     use_bench_stores()
-    from offlab.threads import openmp_defaults
+    from offlab.threads import openmp_defaults, openmp_for_training
 
     openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP (matters from two threads on)
+    openmp_for_training()
     import torch
 
     from offlab import training

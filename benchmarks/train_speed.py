@@ -21,7 +21,7 @@ Each learner (its paper settings for the dataset) runs `--warmup` untimed update
 one block of `--block` updates each, so drift in the machine's speed reaches all of them alike. Printed per block:
 wall and CPU ms per update, and each learner's wall ratio to the first; at the end the medians and the ratio of
 the total wall times. The OpenMP setting is the environment's, with `offlab fit`'s default filled in
-(`offlab.threads.openmp_defaults`). `bench_d3rlpy.py --home` stores `bench-hopper-medium-100000`.
+(`offlab.threads.openmp_for_training`: the runtime's own spin). `bench_d3rlpy.py --home` stores `bench-hopper-medium-100000`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import os
 import statistics
 import time
 
-from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, torch_threads_beside
+from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, openmp_for_training, torch_threads_beside
 
 openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
+openmp_for_training()
 
 import torch  # noqa: E402
 

@@ -4,7 +4,8 @@ the GIL in their kernels, so two such computations run on two cores), and faiss'
 Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the quality report (the BC models
 beside the neighbour searches). One pool per purpose and process, created on first use.
 
-Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`), and the command
+Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`; `openmp_for_training`
+for `offlab fit`), and the command
 of a fresh interpreter for work in a process of its own (`fresh_interpreter`: PRDC's search process, the dataset
 builder's workers).
 """
@@ -73,10 +74,11 @@ class SplitWork:
         return self.out
 
 
-# libgomp's spin count before an idle OpenMP thread sleeps (about 100 us; libgomp's own default is ~3 ms,
-# and OMP_WAIT_POLICY=PASSIVE is 0). Long spins let torch's idle pool threads take the core of a helper
-# thread (a PRDC search, a report's BC models); no spin makes every parallel op of a training step wake its
-# threads from sleep, which halved TD3+BC's speed on two threads (benchmarks/d3rlpy_speed.md, session 19).
+# libgomp's spin count before an idle OpenMP thread sleeps (the time depends on the CPU's pause instruction:
+# well under 0.1 ms on the Xeon of session 32, where libgomp's own default spun about 0.25 ms; OMP_WAIT_POLICY=PASSIVE
+# is 0). Long spins let idle pool threads take the core of a helper thread (a report's BC models); no spin makes
+# every parallel op of a training step wake its threads from sleep, which halved TD3+BC's speed on two threads
+# (benchmarks/d3rlpy_speed.md, session 19). `offlab fit` trains under the runtime's own (`openmp_for_training`).
 # LLVM's OpenMP (torch's on macOS) ignores it; its block time, in ms, defaults to 200: 1 is its shortest.
 SPIN_COUNT = "10000"
 BLOCK_TIME_MS = "1"
@@ -84,12 +86,43 @@ OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """The environment variables that set how idle OpenMP threads wait (the ones `openmp_defaults` reads and sets)."""
 
 
+_SET_HERE: set[str] = set()
+"""The variables `openmp_defaults` set in os.environ (not the user's): the ones `openmp_for_training` may drop."""
+
+OPENMP_LIBRARIES = ("torch", "faiss", "sklearn")
+"""Modules whose import loads an OpenMP runtime, which reads the wait variables once, then."""
+
+
 def openmp_defaults(environ=os.environ) -> None:
     """Set the short spin unless the user chose a wait policy or spin time. Call before torch/faiss/sklearn load."""
     if "OMP_WAIT_POLICY" in environ:
         return
-    environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)  # GNU OpenMP (Linux wheels of torch, faiss, scikit-learn)
-    environ.setdefault("KMP_BLOCKTIME", BLOCK_TIME_MS)  # LLVM/Intel OpenMP
+    for var, value in (("GOMP_SPINCOUNT", SPIN_COUNT),  # GNU OpenMP (Linux wheels of torch, faiss, scikit-learn)
+                       ("KMP_BLOCKTIME", BLOCK_TIME_MS)):  # LLVM/Intel OpenMP
+        if var not in environ:
+            environ[var] = value
+            if environ is os.environ:
+                _SET_HERE.add(var)
+
+
+def openmp_for_training(environ=os.environ) -> list[str]:
+    """In a process about to train, before torch loads: the OpenMP runtime's own spin in place of the short one
+    `openmp_defaults` set (a user's setting stays). Returns the variables dropped (none once an OpenMP runtime
+    has loaded: it has read them).
+
+    Why: between the ops of an update torch's pool threads wait for the next parallel op; after the short spin
+    they sleep, and the next op waits for them to wake. On an Intel Xeon (session 32) TD3+BC took 3.22-3.35 ms
+    per update on two threads under the short spin and 3.04 ms under libgomp's own (about 0.25 ms of spinning
+    here; d3rlpy's users train under it too). PRDC's search process, beside torch, lost less to the longer spin
+    than torch gained (4.57 against 4.72 ms per update on the 100k hopper benchmark data, benchmarks/
+    learner_speed.md). The quality report's helper threads keep the short spin (`offlab data report`)."""
+    if any(name in sys.modules for name in OPENMP_LIBRARIES):
+        return []
+    dropped = sorted(var for var in _SET_HERE if environ.get(var) in (SPIN_COUNT, BLOCK_TIME_MS))
+    for var in dropped:
+        environ.pop(var, None)
+        _SET_HERE.discard(var)
+    return dropped
 
 
 def torch_threads_beside(learner, cores: int) -> int:
