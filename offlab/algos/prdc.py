@@ -30,7 +30,8 @@ the learner. Differs from the reference code:
   from the start of an update, or from the critic's backward pass, once the search has answered, to the start of
   the next search. On an Intel Xeon: 1.20x TD3+BC's time against 1.48x without (100k hopper rows, updates
   800-3,500), 1.25-1.46x against 1.46-1.50x (hopper-medium, updates 500-5,500), 1.31x against 1.47x
-  (halfcheetah-medium from update 60,000; session 32). Opt-in (`switch_layout`): time the search inline, in the
+  (halfcheetah-medium from update 60,000; session 32, under the short OpenMP spin; under `offlab fit`'s spin since,
+  TD3+BC and PRDC are both faster, the ratios 1.28-1.39x). Opt-in (`switch_layout`): time the search inline, in the
   training process with torch on every core, against the process as training goes, and keep the faster; beside
   lending it gained nothing, and its trials of inline cost up to 2.5x TD3+BC's time per update on hopper-medium.
   The numbers are the same in every layout (checked: torch's bits on both thread counts, else torch keeps one
