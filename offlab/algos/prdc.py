@@ -292,6 +292,8 @@ class PRDC:
                 s, pi, pending = early.s, early.pi, early.search
             else:  # the caller sent another batch than it announced: that search is wasted
                 early.search.result()
+        if self.layout is not None:  # torch takes the search process's core unless a search is under way (`lend_core`)
+            self.layout.searching(pending is not None and not pending.ready())
         s = self.normalizer(batch.obs) if s is None else s
         s2 = self.normalizer(batch.next_obs)
         if actor_step and overlap and pending is None:
@@ -307,11 +309,12 @@ class PRDC:
             s_next = self.normalizer(upcoming.obs)
             pi_next = self.actor(s_next)
             self._early = EarlySearch(upcoming, s_next, pi_next, index.start_search(s_next, pi_next, upcoming.rows))
-        # torch off the search process's core while it searches, and on it once the search is done (`lend_core`)
+        # torch off the search process's core while it searches (a search begun above included), and on it once the
+        # search is done
         in_flight = self._early.search if self._early is not None else pending
         busy = self.layout is not None and in_flight is not None and not in_flight.ready()
-        if self.layout is not None:
-            self.layout.searching(busy)
+        if busy:
+            self.layout.searching(True)
         critic_loss = self._critic_loss(s, s2, batch, self.generator)
         if busy and in_flight.ready():  # done before the backward pass: torch takes the core for that
             self.layout.searching(False)
