@@ -74,9 +74,9 @@ class SplitWork:
         return self.out
 
 
-# libgomp's spin count before an idle OpenMP thread sleeps (the time depends on the CPU's pause instruction:
-# well under 0.1 ms on the Xeon of session 32, where libgomp's own default spun about 0.25 ms; OMP_WAIT_POLICY=PASSIVE
-# is 0). Long spins let idle pool threads take the core of a helper thread (a report's BC models); no spin makes
+# libgomp's spin count before an idle OpenMP thread sleeps (the time depends on the CPU's pause instruction: about
+# 0.1 ms on the Xeon of session 32, where libgomp's own default spun 0.25 and 3.7 ms in two probes;
+# OMP_WAIT_POLICY=PASSIVE is 0). Long spins let idle pool threads take the core of a helper thread (a report's BC models); no spin makes
 # every parallel op of a training step wake its threads from sleep, which halved TD3+BC's speed on two threads
 # (benchmarks/d3rlpy_speed.md, session 19). `offlab fit` trains under the runtime's own (`openmp_for_training`).
 # LLVM's OpenMP (torch's on macOS) ignores it; its block time, in ms, defaults to 200: 1 is its shortest.
@@ -112,8 +112,8 @@ def openmp_for_training(environ=os.environ) -> list[str]:
 
     Why: between the ops of an update torch's pool threads wait for the next parallel op; after the short spin
     they sleep, and the next op waits for them to wake. On an Intel Xeon (session 32) TD3+BC took 3.22-3.35 ms
-    per update on two threads under the short spin and 3.04 ms under libgomp's own (about 0.25 ms of spinning
-    here; d3rlpy's users train under it too). PRDC's search process, beside torch, lost less to the longer spin
+    per update on two threads under the short spin and 3.04 ms under libgomp's own (d3rlpy's users
+    train under it too). PRDC's search process, beside torch, lost less to the longer spin
     than torch gained (4.57 against 4.72 ms per update on the 100k hopper benchmark data, benchmarks/
     learner_speed.md). The quality report's helper threads keep the short spin (`offlab data report`)."""
     if any(name in sys.modules for name in OPENMP_LIBRARIES):
