@@ -398,7 +398,11 @@ def update_on(learner, batches: list[Batch]) -> list[dict[str, float]]:
 class Trainer:
     """One run's state: data, learner, generators, the online phase, evaluation and metric accumulators."""
 
-    def __init__(self, run: RunConfig, dataset, device: torch.device, tracker=None, progress: bool = True):
+    def __init__(self, run: RunConfig, dataset, device: torch.device, tracker=None, progress: bool = True,
+                 threads_named: bool | None = None):
+        """`threads_named`: whether the user named `run.threads` (default: whenever it is set); a resumed run's
+        count restored from its tag is not, so a learner may still move torch between counts with the same bits
+        (PRDC's `lend_core`)."""
         from offlab.data import registry
 
         self.run = run
@@ -425,7 +429,8 @@ class Trainer:
         self.learner = self.algo_cls(cfg, self.spec, device)
         if getattr(self.learner, "side_cores", 0) and not run.threads:  # a core kept busy beside torch (PRDC)
             torch.set_num_threads(torch_threads_beside(self.learner, usable_cores()))
-        if run.threads and hasattr(self.learner, "hold_threads"):  # the user's count: the learner keeps it
+        named = bool(run.threads) if threads_named is None else threads_named
+        if named and hasattr(self.learner, "hold_threads"):  # the user's count: the learner keeps it
             self.learner.hold_threads()
         self.sampler = stream_generator(run.seed, BATCHES)
         rows = getattr(self.learner, "training_rows", None)
@@ -749,6 +754,7 @@ def _resume(tracker, mlrun, device: str | None, progress: bool, on_start) -> Fit
         raise ConfigError(f"run '{run_id}' already finished all {run.total_steps} steps; start a new run instead")
     if device:
         run.device = device
+    named = bool(run.threads)  # the user's count, not one restored from the run's tag
     run.threads = resumed_threads(run.threads, tags.get("torch_threads"), run_id)
     ds = registry.get(run.dataset, progress=progress)
     if ds.card.content_hash != tags.get("dataset_hash", ds.card.content_hash):
@@ -756,7 +762,7 @@ def _resume(tracker, mlrun, device: str | None, progress: bool, on_start) -> Fit
             f"dataset '{run.dataset}' changed since run '{run_id}' started (hash {ds.card.content_hash} != "
             f"{tags['dataset_hash']}); a resumed run would not match; start a new run"
         )
-    trainer = Trainer(run, ds, resolve_device(run.device), tracker, progress)
+    trainer = Trainer(run, ds, resolve_device(run.device), tracker, progress, threads_named=named)
     if state is not None:
         trainer.load_state_dict(state)
     tracker.open_run(run_id)

@@ -116,14 +116,16 @@ def test_a_learner_with_a_core_of_its_own_gets_torch_on_one_core_fewer(monkeypat
     monkeypatch.setattr(training, "usable_cores", lambda: 3)
     before = torch.get_num_threads()
     try:
-        for threads, algo, expected in ((0, "prdc", 2), (3, "prdc", 3), (0, "td3bc", before)):
+        for threads, algo, expected, named in ((0, "prdc", 2, None), (3, "prdc", 3, None), (2, "prdc", 2, False),
+                                               (0, "td3bc", before, None)):
+            # named False: a resumed run's count, restored from its tag, which the learner may still lend beside
             trainer = training.Trainer(tiny_run(algo=algo, steps=4, online_steps=0, eval_episodes=0,
                                                 threads=threads), registry.get(TINY), torch.device("cpu"),
-                                       progress=False)
+                                       progress=False, threads_named=named)
             assert getattr(trainer.learner, "side_cores", 0) == (algo == "prdc")
             assert torch.get_num_threads() == expected
             if algo == "prdc":
-                assert (trainer.learner.layout is None) == bool(threads)
+                assert (trainer.learner.layout is None) == (named is None and bool(threads))
             trainer.close()
             assert torch.get_num_threads() == before
     finally:
