@@ -536,7 +536,8 @@ class SearchLayout:
         self.lost_trials = 0  # trials in a row that the slower layout lost
         self.on_trial = False  # this block times the layout that was slower
         self._settle = 0  # updates after a switch still to leave out
-        self.process_threads = 0  # torch's threads in the process layout (set when leaving it)
+        self.process_threads = 0  # torch's threads in the process layout: the caller's count (first tick)
+        self.whole_threads = 0  # one more, within the usable cores: inline's and lending's count
         self.inline_allowed: bool | None = None  # None: not checked yet
         self.switches = 0
         self._last: float | None = None
@@ -548,6 +549,7 @@ class SearchLayout:
         self._batch = batch
         if not self.process_threads:  # the caller's count, before any switch or lending changed it
             self.process_threads = torch.get_num_threads()
+            self.whole_threads = max(self.process_threads, min(self.process_threads + 1, self.usable()))
         if not self.switch:
             return
         now = time.perf_counter() if now is None else now
@@ -607,9 +609,8 @@ class SearchLayout:
         core too. Only where torch gives the same bits on both thread counts (the same check as inline's)."""
         if not self.lend or self.layout != "process" or not self._inline_ok():
             return
-        process, whole = self._threads()
-        torch.set_num_threads(process if busy else whole)
-        self.lent = not busy and whole > process
+        torch.set_num_threads(self.process_threads if busy else self.whole_threads)
+        self.lent = not busy and self.whole_threads > self.process_threads
 
     def rest(self) -> None:
         """Between updates torch has the process layout's count again (evaluations, and a caller's own torch work,
@@ -618,21 +619,14 @@ class SearchLayout:
             torch.set_num_threads(self.process_threads)
             self.lent = False
 
-    def _threads(self) -> tuple[int, int]:
-        """torch's threads in the process layout and inline (the search process's core given to torch)."""
-        process = self.process_threads or torch.get_num_threads()
-        return process, max(process, min(process + 1, self.usable()))
-
     def _inline_ok(self) -> bool:
         if self.inline_allowed is None:
-            self.inline_allowed = bool(self.same_numbers(self._threads(), self._batch))
+            self.inline_allowed = bool(self.same_numbers((self.process_threads, self.whole_threads), self._batch))
         return self.inline_allowed
 
     def _switch(self, layout: str) -> None:
         if layout == "inline":
-            process, inline = self._threads()
-            self.process_threads = process
-            torch.set_num_threads(inline)
+            torch.set_num_threads(self.whole_threads)
             self.index.inline = True
         else:
             torch.set_num_threads(self.process_threads)
@@ -672,6 +666,7 @@ class NearestDatasetAction:
         self.neighbours: StateNeighbours | None = None
         self.cells: VoronoiCells | None = None
         self.process: SearchProcess | None = None
+        self.inline = False  # with the search process: `SearchLayout` chose the search inline, in the caller's copy
         if search_process and host_keys is not None:
             # The process builds the index itself; what is kept on disk is made here first (the state
             # neighbours' build shows its progress, and is not repeated), so the process only reads it back.
@@ -687,7 +682,6 @@ class NearestDatasetAction:
             # data and settings as the process's, when first needed
             self.caller_share = 0
             self.share_search = share_search
-            self.inline = False  # `SearchLayout` chose the search inline, in the caller's copy of the index
             self._share_estimate = 0.0
             self._searches = 0
             self.batch_seconds = 0.0  # the search process's seconds per batch lately (`_balance`)

@@ -328,7 +328,7 @@ class PRDC:
                 # dataset constraint: the action of the nearest (beta * s_i, a_i) to the detached (beta * s, pi(s))
                 waited = time.perf_counter()
                 nearest_action = index.actions[pending.result()] if pending is not None else index(s, pi, batch.rows)
-                if self._search_wait is not None and not (self.layout is not None and index.inline):
+                if self._search_wait is not None and not index.inline:
                     self._time_search(time.perf_counter() - waited)
                 if self.layout is not None and pending is not None:
                     self.layout.searching(False)
