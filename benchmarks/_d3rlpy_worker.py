@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))  # bench_d3rlpy.py --threads
+if os.environ.get("BENCH_FLUSH_DENORMALS"):  # bench_d3rlpy.py --d3rlpy-flush-denormals (before torch's threads start)
+    torch.set_flush_denormal(True)
 
 import d3rlpy  # noqa: E402
 from d3rlpy.preprocessing import ReturnBasedRewardScaler, StandardObservationScaler  # noqa: E402

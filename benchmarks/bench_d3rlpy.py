@@ -58,8 +58,10 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 # --same-openmp is given
 from offlab.threads import (  # noqa: E402
     OPENMP_WAIT_VARS,
+    flushes_denormals,
     openmp_defaults,
     openmp_for_training,
+    set_flush_denormals,
     torch_threads_beside,
     usable_cores,
 )
@@ -208,9 +210,12 @@ def prototype_td3bc(variant: str):
 
 
 class Worker:
-    def __init__(self, python: str, log: Path, threads: int = 1, same_openmp: bool = False):
+    def __init__(self, python: str, log: Path, threads: int = 1, same_openmp: bool = False,
+                 flush_denormals: bool = False):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "BENCH_THREADS": str(threads), "PYTHONPATH": ""}
+        if flush_denormals:
+            env["BENCH_FLUSH_DENORMALS"] = "1"
         env.pop("OFFLAB_HOME", None)
         if not same_openmp:  # d3rlpy's own OpenMP setting (libgomp's default) unless the user chose one
             for k in OPENMP_WAIT_VARS:
@@ -295,14 +300,22 @@ def main() -> None:
                         "libraries are timed in turns, never at once)")
     p.add_argument("--same-openmp", action="store_true",
                    help="run d3rlpy under offlab's OpenMP spin too (default: libgomp's own, as d3rlpy's users get)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="offlab's learners without `offlab fit`'s flush of subnormal floats (threads.set_flush_denormals)")
+    p.add_argument("--d3rlpy-flush-denormals", action="store_true",
+                   help="d3rlpy's learners with subnormal floats flushed too (default: as d3rlpy's users run it)")
     args = p.parse_args()
     args.threads = args.threads or usable_cores()
+    if not args.keep_denormals:  # as `offlab fit` trains (offlab.training.Trainer), before torch's threads start
+        set_flush_denormals(True)
     openmp = {"offlab": openmp_of(os.environ), "d3rlpy": openmp_of(os.environ if args.same_openmp else USER_OPENMP)}
+    openmp["d3rlpy"] += ", subnormals flushed" if args.d3rlpy_flush_denormals else ""
 
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["OFFLAB_HOME"] = str(home)
     torch.set_num_threads(args.threads)
+    openmp["offlab"] += ", subnormals flushed" if flushes_denormals(args.threads) else ""
 
     from offlab.algos import get_algo
     from offlab.algos.base import LearnerSpec
@@ -315,7 +328,8 @@ def main() -> None:
     data = Transitions(ds)
     spec = LearnerSpec.from_transitions(data)
 
-    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log", args.threads, args.same_openmp)
+    worker = Worker(args.d3rlpy_python, home / "d3rlpy_worker.log", args.threads, args.same_openmp,
+                    args.d3rlpy_flush_denormals)
     worker.send({"cmd": "setup", "npz": str(npz), "algos": algos, "steps": args.steps, "warmup": args.warmup,
                  "seed": 0, "batch": 256})
 

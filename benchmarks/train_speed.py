@@ -32,7 +32,13 @@ import os
 import statistics
 import time
 
-from offlab.threads import OPENMP_WAIT_VARS, openmp_defaults, openmp_for_training, torch_threads_beside
+from offlab.threads import (
+    OPENMP_WAIT_VARS,
+    openmp_defaults,
+    openmp_for_training,
+    set_flush_denormals,
+    torch_threads_beside,
+)
 
 openmp_defaults()  # as `offlab fit` runs, before torch loads OpenMP
 openmp_for_training()
@@ -69,8 +75,12 @@ def main() -> None:
     p.add_argument("--start", action="append", default=[], metavar="ALGO=CHECKPOINT",
                    help="start a learner from the learner state of an `offlab fit` checkpoint.pt (its run's settings "
                         "must match), e.g. prdc=~/.offlab/runs/<run id>/checkpoint.pt: the cost at that point of a run")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="train without `offlab fit`'s flush of subnormal floats (threads.set_flush_denormals)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.keep_denormals:  # as `offlab fit` trains (offlab.training.Trainer)
+        set_flush_denormals(True)
 
     ds = registry.get(args.dataset, download=False, build=False)
     data = Transitions(ds)
@@ -98,7 +108,7 @@ def main() -> None:
     first = next(iter(learners))
     openmp = {k: os.environ[k] for k in OPENMP_WAIT_VARS if k in os.environ}
     print(f"{args.dataset}: {len(data):,} transitions; {args.threads} core(s), torch threads {threads}; OpenMP "
-          f"{openmp}; warm-up {args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
+          f"{openmp}{'' if args.keep_denormals else ', subnormals flushed'}; warm-up {args.warmup}; {args.blocks} blocks of {args.block}", flush=True)
 
     rows = []
     for b in range(args.blocks):

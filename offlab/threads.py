@@ -5,7 +5,7 @@ Used by PRDC (the neighbour search beside the critic step, `SplitWork`) and the 
 beside the neighbour searches). One pool per purpose and process, created on first use.
 
 Also the OpenMP waiting policy the CLI sets before any OpenMP runtime loads (`openmp_defaults`; `openmp_for_training`
-for `offlab fit`), and the command
+for `offlab fit`), the flush of subnormal floats while a run trains (`denormals_flushed`), and the command
 of a fresh interpreter for work in a process of its own (`fresh_interpreter`: PRDC's search process, the dataset
 builder's workers).
 """
@@ -123,6 +123,72 @@ def openmp_for_training(environ=os.environ) -> list[str]:
         environ.pop(var, None)
         _SET_HERE.discard(var)
     return dropped
+
+
+def flushes_denormals(threads: int = 1) -> bool:
+    """Whether torch's CPU kernels treat subnormal floats as zero, on the calling thread alone (`threads=1`) or
+    on `threads` of its OpenMP threads: a probe op over subnormal inputs leaves no nonzero bit."""
+    import torch
+
+    # one thread's share of an elementwise op is at least at::internal::GRAIN_SIZE (32768) elements
+    n = 16 if threads <= 1 else (1 << 16) * threads
+    subnormal = torch.full((n,), 1e-40, dtype=torch.float32)
+    return not torch.count_nonzero((subnormal * 1.0).view(torch.int32)).item()
+
+
+def _openmp_runtime():
+    """The OpenMP runtime this process has loaded (libgomp, or LLVM's libomp/libiomp) as a ctypes library."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if ".so" in line or ".dylib" in line}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")):
+            with contextlib.suppress(OSError, AttributeError):
+                runtime = ctypes.CDLL(path)
+                runtime.omp_pause_resource_all  # OpenMP 5.0  # noqa: B018
+                return runtime
+    return None
+
+
+def set_flush_denormals(on: bool) -> bool:
+    """Flush subnormal floats to zero (or stop) on the calling thread and torch's OpenMP threads; False where the
+    CPU has no such mode. OpenMP threads take the floating-point mode of the thread that starts them and keep it,
+    so the runtime's threads are released (`omp_pause_resource_all(omp_pause_hard)`, about 0.5 ms): its next
+    parallel op starts new ones from this thread."""
+    import torch
+
+    if not torch.set_flush_denormal(on):
+        return False
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        runtime.omp_pause_resource_all(2)
+    return True
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Within the block, the CPU flushes subnormal floats (|x| < 1.2e-38 in float32) to zero on the calling thread
+    and torch's OpenMP threads (x86's FTZ and DAZ); after it, it does not again. Where the CPU cannot, or the
+    calling thread already flushes them (the caller's choice, kept), a no-op.
+
+    Why: Adam's first moment of a weight whose gradient is zero (a dead ReLU unit's) decays by beta1 = 0.9 a
+    step into the subnormal range and stays there: 0.9 times a few units of the last place rounds back to
+    itself. Subnormal arithmetic takes a slow path on x86 (a hundred cycles and more per op on Intel cores), and
+    the count grows as units die: after 2,000 TD3+BC updates on hopper 17,000 of the critic's first moments were
+    subnormal, and its Adam steps took 2.7x as long (benchmarks/d3rlpy_speed.md, session 33). Flushed, they are
+    zero. No learner depends on values below 1e-38; the numbers differ from an unflushed run's only where one
+    arose."""
+    if flushes_denormals() or not set_flush_denormals(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        set_flush_denormals(False)
 
 
 def torch_threads_beside(learner, cores: int) -> int:

@@ -60,7 +60,7 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import BATCHES, EXPLORATION, mixed_precision, stream_generator
-from offlab.threads import torch_threads_beside, usable_cores
+from offlab.threads import denormals_flushed, torch_threads_beside, usable_cores
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -417,6 +417,9 @@ class Trainer:
         self.ref = registry.score_range(run.dataset, card)
 
         self._threads_before = torch.get_num_threads()  # the caller's count, restored by close()
+        # subnormal floats flushed to zero while the run lasts (Adam's moments of dead units; threads.py)
+        self._float_mode = contextlib.ExitStack()
+        self._float_mode.enter_context(denormals_flushed())
         if run.threads:
             torch.set_num_threads(run.threads)
         if run.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -595,6 +598,7 @@ class Trainer:
 
     def close(self) -> None:
         torch.set_num_threads(self._threads_before)
+        self._float_mode.close()
         self.evaluator.close()
         if self.online is not None:
             self.online.close()

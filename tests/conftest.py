@@ -24,6 +24,16 @@ def isolated_stores(tmp_path, monkeypatch):
     yield home
 
 
+@pytest.fixture(autouse=True)
+def subnormals_as_before():
+    """A test that leaves a Trainer open leaves its flush of subnormal floats on; the next starts without it."""
+    yield
+    from offlab.threads import flushes_denormals, set_flush_denormals
+
+    if flushes_denormals():
+        set_flush_denormals(False)
+
+
 @pytest.fixture(scope="session")
 def hopper_random():
     """2,000 random-action Hopper-v5 transitions from the real simulator (built once per session)."""

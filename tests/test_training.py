@@ -132,6 +132,54 @@ def test_a_learner_with_a_core_of_its_own_gets_torch_on_one_core_fewer(monkeypat
         torch.set_num_threads(before)
 
 
+def test_adams_moment_of_a_dead_weight_sticks_subnormal_unless_flushed_as_training_does():
+    """Adam's first moment of a weight whose gradient turns zero decays by beta1 = 0.9 a step; in float32 it enters
+    the subnormal range after about 750 steps and stays there (0.9 times a few units of the last place rounds
+    back), where every Adam step pays x86's slow path. Flushed, as `offlab fit` trains, it becomes exactly 0."""
+    from offlab.nets import adam, take_step
+    from offlab.threads import denormals_flushed
+
+    tiny = torch.finfo(torch.float32).tiny
+
+    def first_moment_after_a_dead_stretch() -> torch.Tensor:
+        w = torch.nn.Parameter(torch.ones(8))
+        opt = adam([w], 3e-4)
+        take_step(opt, (w * 1e-3).sum())  # one live gradient, then none
+        for _ in range(1000):
+            take_step(opt, (w * 0.0).sum())
+        return opt.state[w]["exp_avg"]
+
+    stuck = first_moment_after_a_dead_stretch()
+    assert bool(((stuck != 0) & (stuck.abs() < tiny)).all())  # subnormal, not zero
+    with denormals_flushed():
+        assert torch.count_nonzero(first_moment_after_a_dead_stretch().view(torch.int32)) == 0
+
+
+def test_training_flushes_subnormals_on_every_torch_thread_and_stops_at_close():
+    """The Trainer sets flush-to-zero for the run on its own thread and on torch's OpenMP threads, including ones
+    started before it (they are restarted), and puts the mode back when it closes; one the caller set stays."""
+    from offlab.data import registry
+    from offlab.threads import flushes_denormals, set_flush_denormals
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not flushes_denormals(2)
+        torch.ones(1 << 18).mul_(2.0)  # torch's second thread is running, started without the mode
+        trainer = training.Trainer(tiny_run(steps=4, online_steps=0, eval_episodes=0, threads=2),
+                                   registry.get(TINY), torch.device("cpu"), progress=False)
+        assert flushes_denormals() and flushes_denormals(2)
+        trainer.close()
+        assert not flushes_denormals() and not flushes_denormals(2)
+        assert set_flush_denormals(True)  # the caller's own choice
+        training.Trainer(tiny_run(steps=4, online_steps=0, eval_episodes=0, threads=2), registry.get(TINY),
+                         torch.device("cpu"), progress=False).close()
+        assert flushes_denormals(2)
+    finally:
+        set_flush_denormals(False)
+        torch.set_num_threads(before)
+
+
 def test_a_checkpoint_taken_while_the_next_batch_is_announced_resumes_exactly():
     """The loop draws each offline batch one step early for a learner that takes announcements (PRDC starts
     that batch's neighbour search during the update before). A checkpoint stores the sampler as it was before
