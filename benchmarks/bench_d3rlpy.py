@@ -19,7 +19,7 @@ subprocess (benchmarks/_d3rlpy_worker.py); it is never an offlab dependency.
   `--threads` torch threads each (default one per core, both libraries' default; OMP/MKL_NUM_THREADS to
   match; d3rlpy's PRDC index n_jobs=1). offlab's PRDC, as under `offlab fit`, runs its neighbour search in a
   worker process on one of those cores and torch on the rest (`side_cores`); its CPU includes that process.
-  offlab runs under the OpenMP spin that `offlab fit` sets (`offlab.threads.openmp_for_training`: libgomp's default unless the shell set one), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
+  offlab runs under the OpenMP spin that `offlab fit` sets (`offlab.threads.openmp_for_training`: GOMP_SPINCOUNT=30000 unless the shell set one), its subnormal floats flushed as `fit` trains (`--keep-denormals`: not), d3rlpy under libgomp's default (`--same-openmp`: offlab's too).
 - Timed: `algo.update(batch)` on `--steps` batches drawn before timing (offlab: `Transitions.sample`,
   as the training loop samples, each batch announced one update ahead as `offlab fit` does, which lets
   PRDC begin its next neighbour search early; d3rlpy: `ReplayBuffer.sample_transition_batch`, whose numpy batch
@@ -53,7 +53,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-# offlab's side runs under the OpenMP spin `offlab fit` sets (since session 32 the runtime's own); d3rlpy's under
+# offlab's side runs under the OpenMP spin `offlab fit` sets (since session 33 30,000 spins); d3rlpy's under
 # libgomp's default, as its users run it, unless the shell set a policy or spin count (then both get it) or
 # --same-openmp is given
 from offlab.threads import (  # noqa: E402

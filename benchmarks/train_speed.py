@@ -21,7 +21,7 @@ Each learner (its paper settings for the dataset) runs `--warmup` untimed update
 one block of `--block` updates each, so drift in the machine's speed reaches all of them alike. Printed per block:
 wall and CPU ms per update, and each learner's wall ratio to the first; at the end the medians and the ratio of
 the total wall times. The OpenMP setting is the environment's, with `offlab fit`'s default filled in
-(`offlab.threads.openmp_for_training`: the runtime's own spin). `bench_d3rlpy.py --home` stores `bench-hopper-medium-100000`.
+(`offlab.threads.openmp_for_training`: 30,000 spins). `bench_d3rlpy.py --home` stores `bench-hopper-medium-100000`.
 """
 
 from __future__ import annotations

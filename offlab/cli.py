@@ -16,7 +16,7 @@ from offlab.threads import openmp_defaults, openmp_for_training
 
 # Idle OpenMP threads (faiss's, scikit-learn's, torch's) spin a while by default and take the core of a helper
 # thread (a report's BC models); not spinning at all slows every multi-threaded training step. A short spin does
-# both jobs; `offlab fit` goes back to the runtime's own, faster for training (`openmp_for_training`). It must be
+# both jobs; `offlab fit` spins longer, faster for training (`openmp_for_training`). It must be
 # set before any OpenMP runtime loads (none has, up to here).
 openmp_defaults()
 
@@ -327,7 +327,7 @@ def fit_cmd(
                                  "terminal's stderr)."),
 ):
     """Train a learner on a dataset, tracked in MLflow (see `offlab algos` for learners and settings)."""
-    openmp_for_training()  # before torch loads: the OpenMP runtime's own spin, faster for training than the short one
+    openmp_for_training()  # before torch loads: a longer spin, faster for training than the short one
     from offlab import training
     from offlab.config import resolve_run
 

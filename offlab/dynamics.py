@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from offlab.data.schema import Dataset
 from offlab.nets import BATCHES, EnsembleMLP, mlp, stream_generator
+from offlab.threads import denormals_flushed
 
 Termination = Callable[[torch.Tensor], torch.Tensor]
 """next observations [B, obs_dim] -> bool [B] (True: a true terminal)."""
@@ -156,9 +157,11 @@ class DynamicsEnsemble(nn.Module):
         self.obs_high.copy_(torch.from_numpy(hi + margin))
 
 
+@denormals_flushed()
 def fit_dynamics(ds: Dataset, config: DynamicsConfig | None = None,
                  progress: Callable[[int], None] | None = None) -> tuple[DynamicsEnsemble, dict]:
-    """Train an ensemble on `ds` (each member its own batches), early-stopped on held-out episodes."""
+    """Train an ensemble on `ds` (each member its own batches), early-stopped on held-out episodes; subnormal floats
+    flushed to zero as in a learner's training (`offlab.threads.denormals_flushed`)."""
     cfg = config or DynamicsConfig()
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(ds.n_episodes)

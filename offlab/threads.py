@@ -78,16 +78,18 @@ class SplitWork:
 # 0.1 ms on the Xeon of session 32, where libgomp's own default spun 0.25 and 3.7 ms in two probes;
 # OMP_WAIT_POLICY=PASSIVE is 0). Long spins let idle pool threads take the core of a helper thread (a report's BC models); no spin makes
 # every parallel op of a training step wake its threads from sleep, which halved TD3+BC's speed on two threads
-# (benchmarks/d3rlpy_speed.md, session 19). `offlab fit` trains under the runtime's own (`openmp_for_training`).
+# (benchmarks/d3rlpy_speed.md, session 19). `offlab fit` trains under a longer one (`openmp_for_training`).
 # LLVM's OpenMP (torch's on macOS) ignores it; its block time, in ms, defaults to 200: 1 is its shortest.
 SPIN_COUNT = "10000"
+TRAINING_SPIN_COUNT = "30000"
+"""libgomp's spin count while `offlab fit` trains (`openmp_for_training`): about 0.3 ms on the Xeon of session 33."""
 BLOCK_TIME_MS = "1"
 OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """The environment variables that set how idle OpenMP threads wait (the ones `openmp_defaults` reads and sets)."""
 
 
 _SET_HERE: set[str] = set()
-"""The variables `openmp_defaults` set in os.environ (not the user's): the ones `openmp_for_training` may drop."""
+"""The variables offlab set in os.environ (not the user's): the ones `openmp_for_training` may change."""
 
 OPENMP_LIBRARIES = ("torch", "faiss", "sklearn")
 """Modules whose import loads an OpenMP runtime, which reads the wait variables once, then."""
@@ -106,23 +108,31 @@ def openmp_defaults(environ=os.environ) -> None:
 
 
 def openmp_for_training(environ=os.environ) -> list[str]:
-    """In a process about to train, before torch loads: the OpenMP runtime's own spin in place of the short one
-    `openmp_defaults` set (a user's setting stays). Returns the variables dropped (none once an OpenMP runtime
-    has loaded: it has read them).
+    """In a process about to train, before torch loads: libgomp's spin `TRAINING_SPIN_COUNT` in place of the short
+    one `openmp_defaults` set, and LLVM OpenMP's own block time (a user's setting of either stays). Returns the
+    variables changed (none once an OpenMP runtime has loaded: it has read them).
 
     Why: between the ops of an update torch's pool threads wait for the next parallel op; after the short spin
     they sleep, and the next op waits for them to wake. On an Intel Xeon (session 32) TD3+BC took 3.22-3.35 ms
-    per update on two threads under the short spin and 3.04 ms under libgomp's own (d3rlpy's users
-    train under it too). PRDC's search process, beside torch, lost less to the longer spin
-    than torch gained (4.57 against 4.72 ms per update on the 100k hopper benchmark data, benchmarks/
-    learner_speed.md). The quality report's helper threads keep the short spin (`offlab data report`)."""
+    per update on two threads under the short spin and 3.04 ms under libgomp's own (300,000 spins, several ms).
+    A tenth of that (session 33) trains TD3+BC as fast (3.68 ms median per update under both, twelve rounds each
+    in alternating processes), and PRDC faster: when a neighbour search begins, torch drops to one thread fewer,
+    and its idle thread spins on the core the search process needs until its spin runs out (PRDC 1.20-1.21x TD3+BC
+    on the 100k hopper benchmark data against 1.27x, benchmarks/learner_speed.md). The quality report's helper
+    threads keep the short spin (`offlab data report`)."""
     if any(name in sys.modules for name in OPENMP_LIBRARIES):
         return []
-    dropped = sorted(var for var in _SET_HERE if environ.get(var) in (SPIN_COUNT, BLOCK_TIME_MS))
-    for var in dropped:
-        environ.pop(var, None)
-        _SET_HERE.discard(var)
-    return dropped
+    changed = []
+    if "OMP_WAIT_POLICY" not in environ and (
+            "GOMP_SPINCOUNT" not in environ or "GOMP_SPINCOUNT" in _SET_HERE and environ["GOMP_SPINCOUNT"] == SPIN_COUNT):
+        environ["GOMP_SPINCOUNT"] = TRAINING_SPIN_COUNT
+        _SET_HERE.add("GOMP_SPINCOUNT")
+        changed.append("GOMP_SPINCOUNT")
+    if "KMP_BLOCKTIME" in _SET_HERE and environ.get("KMP_BLOCKTIME") == BLOCK_TIME_MS:
+        environ.pop("KMP_BLOCKTIME")
+        _SET_HERE.discard("KMP_BLOCKTIME")
+        changed.append("KMP_BLOCKTIME")
+    return changed
 
 
 def flushes_denormals(threads: int = 1) -> bool:

@@ -40,6 +40,7 @@ from offlab.data.schema import Dataset
 from offlab.evaluation.ope.episodes import episode_bootstrap_counts, percentile_interval
 from offlab.evaluation.ope.policy import ActionDistribution, TargetPolicy
 from offlab.nets import BATCHES, VALUE_SAMPLES, EnsembleMLP, freeze, polyak, stream_generator
+from offlab.threads import denormals_flushed
 
 
 @dataclass
@@ -167,7 +168,12 @@ class FQE:
         return float(loss.detach())
 
     def fit(self, progress: Callable[[int], None] | None = None, log_every: int = 1000) -> FQE:
-        """Run the configured number of updates (resumes from `self.updates`)."""
+        """Run the configured number of updates (resumes from `self.updates`), subnormal floats flushed to zero as
+        in a learner's training (`offlab.threads.denormals_flushed`)."""
+        with denormals_flushed():
+            return self._fit(progress, log_every)
+
+    def _fit(self, progress: Callable[[int], None] | None, log_every: int) -> FQE:
         running = 0.0
         while self.updates < self.cfg.updates:
             running += self.update()
