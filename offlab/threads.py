@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -199,6 +200,40 @@ def denormals_flushed():
         yield
     finally:
         set_flush_denormals(False)
+
+
+def runqueue_seconds() -> float | None:
+    """Seconds this process's threads have spent ready to run but waiting for a core, summed over its threads
+    (Linux's per-thread schedstat); None where the kernel does not say."""
+    total, read = 0.0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:  # not Linux
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+            read = True
+        except (OSError, IndexError, ValueError):  # a thread that ended since, or a kernel without schedstat
+            continue
+    return total if read else None
+
+
+class CoreWait:
+    """How many cores' worth of this process's threads waited for a core, on average, since the last `sample`: near
+    0 when the process has its cores to itself, near its thread count over the cores' number when it shares them
+    (two two-thread trainings on two cores wait about one core's worth each)."""
+
+    def __init__(self):
+        self._last = (time.perf_counter(), runqueue_seconds())
+
+    def sample(self) -> float | None:
+        now, waited = time.perf_counter(), runqueue_seconds()
+        (then, before), self._last = self._last, (now, waited)
+        if waited is None or before is None or now <= then:
+            return None
+        return (waited - before) / (now - then)
 
 
 def torch_threads_beside(learner, cores: int) -> int:

@@ -60,7 +60,7 @@ from offlab.data.store import Batch, Transitions
 from offlab.errors import ConfigError, DataValidationError, OfflabError
 from offlab.evaluation.online import EvalResult, Evaluator, episode_seed
 from offlab.nets import BATCHES, EXPLORATION, mixed_precision, stream_generator
-from offlab.threads import denormals_flushed, torch_threads_beside, usable_cores
+from offlab.threads import CoreWait, denormals_flushed, torch_threads_beside, usable_cores
 
 CHECKPOINT_FORMAT = 1
 POLICY_FORMAT = 1
@@ -444,6 +444,9 @@ class Trainer:
         self.acc: dict[str, list[float]] = {}
         self.last_eval: dict[str, float] = {}
         self.notices: list[str] = []  # the learner's notices in this process (the run's `notice` tag)
+        self.own_notices: list[str] = []  # the loop's own, shown as the learner's are
+        self.core_wait = CoreWait()  # the threads' wait for a core per logging interval (`perf/cores_waited`)
+        self._crowding_said = False
         self.online: OnlineInteraction | None = None
         self.second_env = None
         self.stop_requested = False
@@ -547,8 +550,29 @@ class Trainer:
         means = {k: s / n for k, (s, n) in self.acc.items() if n}
         if elapsed > 0 and steps > 0:
             means["perf/steps_per_second"] = steps / elapsed
+        waiting = self.core_wait.sample()
+        if waiting is not None:
+            means["perf/cores_waited"] = waiting
+            self._check_crowding(waiting, elapsed)
         self.log(means)
         self.acc = {}
+
+    CROWDED = 0.35
+    """The share of torch's threads that, waiting for a core on average over a logging interval, makes the run say
+    the machine is crowded (a lone run waits ~1% of one core)."""
+
+    def _check_crowding(self, waiting: float, elapsed: float) -> None:
+        """Say once when torch's threads keep waiting for cores: another job is running beside this one. Two
+        trainings of two threads each on two cores took 19-23 ms per TD3+BC update each against 3 ms alone,
+        because torch's threads wait for each other at every op; one thread each loses nothing of that."""
+        threads = torch.get_num_threads()
+        if self._crowding_said or threads < 2 or elapsed < 2.0 or waiting < self.CROWDED * threads:
+            return
+        self._crowding_said = True
+        self.own_notices.append(
+            f"this run's threads waited for a core {waiting:.1f} cores' worth of the time (torch has {threads} "
+            f"threads on {usable_cores()} cores): something else is running beside it; runs side by side train "
+            f"much faster with --set threads=1 each")
 
     def loop(self) -> bool:
         """Train until the last step or a stop request; returns True when it ran to the end."""
@@ -571,6 +595,8 @@ class Trainer:
                     now = time.perf_counter()
                     self.flush_train_metrics(now - t_log, self.step - s_log)
                     t_log, s_log = now, self.step
+                    if self.own_notices:
+                        self.show_notices(self.own_notices, bar)
                 if r.eval_episodes and (
                     (r.eval_every and self.step % r.eval_every == 0) or self.step == total
                 ):

@@ -180,6 +180,57 @@ def test_training_flushes_subnormals_on_every_torch_thread_and_stops_at_close():
         torch.set_num_threads(before)
 
 
+def test_core_wait_sees_a_busy_machine_and_the_loop_says_so_once():
+    """`CoreWait` reads how long this process's threads waited for a core: little alone, most of the time for a busy
+    thread among busy processes, four per core. A run whose torch threads keep waiting says once
+    that the machine is crowded and suggests threads=1; a run that waits little, or has one thread, says nothing."""
+    from offlab.data import registry
+    from offlab.threads import runqueue_seconds, usable_cores
+
+    if runqueue_seconds() is None:
+        pytest.skip("this kernel does not report per-thread run-queue waits")
+
+    # in a fresh interpreter (this one's own threads, torch's pool and helpers, may be waiting for cores too): a
+    # busy thread alone for a second, then for 1.5 s beside busy processes, four per core (it waits ~80% of the time;
+    # alone it waits only as much as the rest of the machine makes it)
+    probe = ("import sys, time; from offlab.threads import CoreWait\n"
+             "def spin(s):\n    end = time.perf_counter() + s\n    while time.perf_counter() < end: pass\n"
+             "w = CoreWait(); spin(1.0); print(w.sample(), flush=True)\n"
+             "sys.stdin.readline(); time.sleep(0.3); w.sample(); spin(1.5); print(w.sample(), flush=True)")
+    run = subprocess.Popen([sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    alone = float(run.stdout.readline())
+    hogs = [subprocess.Popen([sys.executable, "-c", "import time; t = time.time() + 2.5\nwhile time.time() < t: pass"])
+            for _ in range(4 * usable_cores())]
+    try:
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        crowded = float(run.stdout.readline())
+    finally:
+        run.wait(timeout=60)
+        for hog in hogs:
+            hog.wait()
+    assert alone < 0.9 and crowded > 0.5, (alone, crowded)
+
+    before = torch.get_num_threads()
+    try:
+        trainer = training.Trainer(tiny_run(steps=4, online_steps=0, eval_episodes=0, threads=2), registry.get(TINY),
+                                   torch.device("cpu"), progress=False)
+        trainer._check_crowding(0.2, elapsed=5.0)  # 10% of two threads: a lone run's noise
+        trainer._check_crowding(1.5, elapsed=1.0)  # too short an interval to tell
+        assert trainer.own_notices == []
+        trainer._check_crowding(1.5, elapsed=5.0)
+        trainer._check_crowding(1.8, elapsed=5.0)
+        assert len(trainer.own_notices) == 1 and "--set threads=1" in trainer.own_notices[0]
+        trainer.close()
+        one = training.Trainer(tiny_run(steps=4, online_steps=0, eval_episodes=0, threads=1), registry.get(TINY),
+                               torch.device("cpu"), progress=False)
+        one._check_crowding(0.9, elapsed=5.0)  # one thread: threads=1 is no help
+        assert one.own_notices == []
+        one.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_checkpoint_taken_while_the_next_batch_is_announced_resumes_exactly():
     """The loop draws each offline batch one step early for a learner that takes announcements (PRDC starts
     that batch's neighbour search during the update before). A checkpoint stores the sampler as it was before
