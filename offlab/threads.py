@@ -193,7 +193,14 @@ def denormals_flushed():
     subnormal, and its Adam steps took 2.7x as long (benchmarks/d3rlpy_speed.md, session 33). Flushed, they are
     zero. No learner depends on values below 1e-38; the numbers differ from an unflushed run's only where one
     arose."""
-    if flushes_denormals() or not set_flush_denormals(True):
+    import torch
+
+    if flushes_denormals():  # the caller's choice: kept, and given to torch's threads too
+        if not flushes_denormals(torch.get_num_threads()):
+            set_flush_denormals(True)
+        yield
+        return
+    if not set_flush_denormals(True):
         yield
         return
     try:

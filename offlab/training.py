@@ -563,8 +563,9 @@ class Trainer:
 
     def _check_crowding(self, waiting: float, elapsed: float) -> None:
         """Say once when torch's threads keep waiting for cores: another job is running beside this one. Two
-        trainings of two threads each on two cores took 19-23 ms per TD3+BC update each against 3 ms alone,
-        because torch's threads wait for each other at every op; one thread each loses nothing of that."""
+        trainings of two threads each on two cores took 55 ms per TD3+BC update each against 3.5-4 ms alone
+        (benchmarks/d3rlpy_speed.md, session 33), because torch's threads wait for each other at every op; one
+        thread each loses nothing of that."""
         threads = torch.get_num_threads()
         if self._crowding_said or threads < 2 or elapsed < 2.0 or waiting < self.CROWDED * threads:
             return
