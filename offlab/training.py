@@ -567,13 +567,16 @@ class Trainer:
         (benchmarks/d3rlpy_speed.md, session 33), because torch's threads wait for each other at every op; one
         thread each loses nothing of that."""
         threads = torch.get_num_threads()
-        if self._crowding_said or threads < 2 or elapsed < 2.0 or waiting < self.CROWDED * threads:
+        side = getattr(self.learner, "side_cores", 0)  # PRDC's search process: a core busy beside torch's
+        busy = threads + side
+        if self._crowding_said or busy < 2 or elapsed < 2.0 or waiting < self.CROWDED * busy:
             return
         self._crowding_said = True
+        advice = "--set threads=1 --set search_process=false" if side else "--set threads=1"
         self.own_notices.append(
-            f"this run's threads waited for a core {waiting:.1f} cores' worth of the time (torch has {threads} "
-            f"threads on {usable_cores()} cores): something else is running beside it; runs side by side train "
-            f"much faster with --set threads=1 each")
+            f"this run's threads waited for a core {waiting:.1f} cores' worth of the time (it keeps {busy} busy on "
+            f"{usable_cores()} cores): something else is running beside it; runs side by side train much faster "
+            f"with {advice} each")
 
     def loop(self) -> bool:
         """Train until the last step or a stop request; returns True when it ran to the end."""

@@ -227,6 +227,12 @@ def test_core_wait_sees_a_busy_machine_and_the_loop_says_so_once():
         one._check_crowding(0.9, elapsed=5.0)  # one thread: threads=1 is no help
         assert one.own_notices == []
         one.close()
+        prdc = training.Trainer(tiny_run(algo="prdc", steps=4, online_steps=0, eval_episodes=0, threads=1),
+                                registry.get(TINY), torch.device("cpu"), progress=False)
+        if prdc.learner.side_cores:  # its search process keeps a second core busy: the advice takes it inline
+            prdc._check_crowding(0.9, elapsed=5.0)
+            assert len(prdc.own_notices) == 1 and "search_process=false" in prdc.own_notices[0]
+        prdc.close()
     finally:
         torch.set_num_threads(before)
 
