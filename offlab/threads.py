@@ -124,8 +124,8 @@ def openmp_for_training(environ=os.environ) -> list[str]:
     if any(name in sys.modules for name in OPENMP_LIBRARIES):
         return []
     changed = []
-    if "OMP_WAIT_POLICY" not in environ and (
-            "GOMP_SPINCOUNT" not in environ or "GOMP_SPINCOUNT" in _SET_HERE and environ["GOMP_SPINCOUNT"] == SPIN_COUNT):
+    short_spin_here = "GOMP_SPINCOUNT" in _SET_HERE and environ.get("GOMP_SPINCOUNT") == SPIN_COUNT
+    if "OMP_WAIT_POLICY" not in environ and ("GOMP_SPINCOUNT" not in environ or short_spin_here):
         environ["GOMP_SPINCOUNT"] = TRAINING_SPIN_COUNT
         _SET_HERE.add("GOMP_SPINCOUNT")
         changed.append("GOMP_SPINCOUNT")

@@ -558,11 +558,12 @@ class Trainer:
         self.acc = {}
 
     CROWDED = 0.35
-    """The share of torch's threads that, waiting for a core on average over a logging interval, makes the run say
-    the machine is crowded (a lone run waits ~1% of one core)."""
+    """The share of the cores the run keeps busy (torch's threads, and PRDC's search process) that, waiting for a
+    core on average over a logging interval, makes the run say the machine is crowded (a lone TD3+BC run waits ~2%
+    of one core, PRDC 12-25%)."""
 
     def _check_crowding(self, waiting: float, elapsed: float) -> None:
-        """Say once when torch's threads keep waiting for cores: another job is running beside this one. Two
+        """Say once when the run's threads keep waiting for cores: another job is running beside this one. Two
         trainings of two threads each on two cores took 55 ms per TD3+BC update each against 3.5-4 ms alone
         (benchmarks/d3rlpy_speed.md, session 33), because torch's threads wait for each other at every op; one
         thread each loses nothing of that."""

@@ -167,13 +167,10 @@ class FQE:
         self.updates += 1
         return float(loss.detach())
 
+    @denormals_flushed()
     def fit(self, progress: Callable[[int], None] | None = None, log_every: int = 1000) -> FQE:
         """Run the configured number of updates (resumes from `self.updates`), subnormal floats flushed to zero as
         in a learner's training (`offlab.threads.denormals_flushed`)."""
-        with denormals_flushed():
-            return self._fit(progress, log_every)
-
-    def _fit(self, progress: Callable[[int], None] | None, log_every: int) -> FQE:
         running = 0.0
         while self.updates < self.cfg.updates:
             running += self.update()
