@@ -202,6 +202,12 @@ def _in_principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return mean, rotation, centred @ rotation
 
 
+def _compiled_input(x: np.ndarray, dtype) -> np.ndarray:
+    """`x` as the compiled search takes it: C-contiguous, of `dtype`, writable (numba compiles a read-only array,
+    such as one read from the search process's socket, as another type: seconds more), copied only if need be."""
+    return np.require(x, dtype, ["C", "W"])
+
+
 def _build_progress(rows: int):
     """A progress bar on stderr for building the state neighbours of a large dataset; nothing for a small one."""
     if rows < 200_000:
@@ -250,9 +256,12 @@ class StateNeighbours:
                     advance(len(dist))
             return rows, radius
 
-        (self.rows, radius), self.reused = paths.cached_arrays(
+        (rows, radius), self.reused = paths.cached_arrays(
             "prdc/state_neighbours", self.cache_key(states, k, first), build)
-        self.radius_first, self.radius = radius[:, 0], radius[:, 1]
+        self.rows = _compiled_input(rows, np.int32)
+        self.radius_first, self.radius = np.ascontiguousarray(radius[:, 0]), np.ascontiguousarray(radius[:, 1])
+        self.nearest(np.zeros((0, states.shape[1]), np.float32), 1.0, np.zeros((0, states.shape[1]), np.float32),
+                     np.zeros(0, np.int64), 0.0)  # compiled (or read from numba's cache) now, not in the first update
 
     @staticmethod
     def _sizes(rows: int, k: int, first: int) -> tuple[int, int]:
@@ -272,40 +281,17 @@ class StateNeighbours:
         states = np.ascontiguousarray(states, dtype=np.float32)
         return paths.cached_path("prdc/state_neighbours", cls.cache_key(states, k)).is_file()
 
-    @staticmethod
-    def _listed(keys: np.ndarray, query: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Of each query's candidate rows `cand` [n, m]: the column of the nearest key and its squared distance
-        (float64, from the float32 keys)."""
-        n, m = cand.shape
-        diff = np.take(keys, cand.ravel(), axis=0).astype(np.float64).reshape(n, m, -1)
-        diff -= query[:, None, :]
-        d2 = np.einsum("ijk,ijk->ij", diff, diff)
-        best = d2.argmin(1)
-        return best, d2[np.arange(n), best]
-
     def nearest(self, keys: np.ndarray, beta: float, query: np.ndarray, rows: np.ndarray, slack: float
                 ) -> tuple[np.ndarray, np.ndarray]:
         """For queries asked at dataset `rows`: each one's nearest listed key (row index) and whether it is
         certified the nearest of all keys (see the class doc). keys: the index's float32 [beta * s_j, a_j];
-        query: [n, obs + act]; slack: an absolute allowance for the keys' float32 rounding."""
-        query = query.astype(np.float64)
-        own = keys[rows, :self.obs_dim].astype(np.float64) - query[:, :self.obs_dim]
-        offset = np.sqrt(np.einsum("ij,ij->i", own, own))  # beta * e: both states as beta * s
-        cand = self.rows[rows]
-        # stage 1: the first states of each list
-        col, d2 = self._listed(keys, query, cand[:, :self.first])
-        found = cand[np.arange(len(rows)), col].astype(np.int64)
-        floor = beta * self.radius_first[rows] - offset - slack
-        certain = (floor > 0) & (d2 < floor**2)
-        if self.k > self.first and not certain.all():  # stage 2: the rest of the lists, for the open queries
-            open_ = np.flatnonzero(~certain)
-            col2, d2_2 = self._listed(keys, query[open_], cand[open_, self.first:])
-            nearer = d2_2 < d2[open_]
-            found[open_[nearer]] = cand[open_[nearer], self.first + col2[nearer]]
-            d2_open = np.minimum(d2[open_], d2_2)
-            floor = beta * self.radius[rows[open_]] - offset[open_] - slack
-            certain[open_] = (floor > 0) & (d2_open < floor**2)
-        return found, certain
+        query: [n, obs + act]; slack: an absolute allowance for the keys' float32 rounding. Compiled
+        (`neighbour_scan.listed_nearest`): stage 1 for every query, stage 2 for those it leaves open."""
+        from offlab.neighbour_scan import listed_nearest
+
+        return listed_nearest(_compiled_input(keys, np.float32), _compiled_input(query, np.float32),
+                              _compiled_input(rows, np.int64), self.rows, self.first,
+                              self.radius_first, self.radius, self.obs_dim, float(beta), float(slack))
 
 
 KMEANS_CACHE_VERSION = 1
@@ -372,34 +358,35 @@ class VoronoiCells:
     on 1M keys.
 
     Every key is in the cell of its nearest centroid (`kmeans_partition`, about sqrt(N) cells). Two bounds on the
-    distance from a query q to a key k of cell j (centroid c_j), both to beat the candidate's distance d:
+    distance from a query q to a key k of cell j (centroid c_j), both to beat the best distance d found so far:
     - the half-space bound (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|), c_1 the centroid nearest q: which cells
       to scan (5-9 per query on hopper-medium and walker2d-medium, the candidate being tight: it comes from the
-      state neighbours, for the queries they found but could not certify);
+      state neighbours, for the queries they found but could not certify). The cells are visited nearest centroid
+      first, and each is tested again against the best distance so far, which only shrinks;
     - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
       centroid, so the keys to scan are one contiguous run, those in the shell |k - c_j| in |q - c_j| +- d (about
       half of the cell on walker2d-medium).
-    The nearest of the keys scanned and the candidate is the nearest of all keys. The cells' bound allows for
-    float32 rounding (the query-centroid distances, and the keys' cell assignment, are float32), and the final
-    comparison is in float64, as the tree's.
+    The cells' bound allows for the keys' cell assignment having been made in float32.
 
-    The scan: the keys are stored cell by cell as their offsets r = k - c_j, transposed (one row per dimension, a
-    last row -|r|^2 / 2), so a run's scores (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are one
-    matrix-vector product over contiguous memory. That reads the keys about twice as fast as faiss's inverted-file
-    scan, on one thread (`benchmarks/learner_speed.md`, session 27), and the offsets from the centroid keep float32's
-    rounding in the scores to the cell's scale. A run's best is picked by its float32 score, so a key whose score
-    ties it within float32 rounding could lose to it, as in faiss's float32 scan before.
+    The scan (`neighbour_scan.cells_nearest`, compiled): the keys are stored cell by cell as their offsets
+    r = k - c_j, transposed (one row per dimension, a last row -|r|^2 / 2), so a run's float32 scores
+    (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, and the
+    offsets from the centroid keep float32's rounding to the cell's scale. A key whose score comes within that
+    rounding of beating the best is compared in float64 from its float32 key, so the answer is the float64 nearest
+    key (the candidate, then the first found, on an exact tie).
     """
 
     ROUNDING_PER_DIM = 2.0**-22
     """Relative error allowed for a float32 squared distance |q|^2 + |c|^2 - 2 q.c, per key dimension (float32's
-    2^-24 four times over for each term of the sums): an overestimate only widens the scan."""
+    2^-24 four times over for each term of the sums): it bounds the keys' float32 cell assignment; an overestimate
+    only widens the scan."""
 
     def __init__(self, keys: np.ndarray):
-        self.keys = keys
+        self.keys = keys = _compiled_input(keys, np.float32)
         self.centroids, cell_of = kmeans_partition(keys)
         cells, dim = self.centroids.shape
         cent = self.centroids.astype(np.float64)
+        self.centroids_t = np.ascontiguousarray(cent.T)  # [dim, cells]: the scan's distances to all centroids
         self.centroid_sq = np.einsum("ij,ij->i", cent, cent)
         self.centroid_gap = np.sqrt(np.maximum(self.centroid_sq[:, None] + self.centroid_sq[None, :]
                                                - 2.0 * cent @ cent.T, 0.0))
@@ -412,69 +399,23 @@ class VoronoiCells:
         self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
-        # one sorted float64 array for all cells' radii: cell j's at j * width + radius (width: more than any
-        # radius and any shell's half-width can reach), so each shell's run is one vectorised searchsorted
         radius_sq = radius_sq[self.order]
-        radius = np.sqrt(radius_sq)
-        self.width = 2.0 * float(radius.max()) + 1.0
-        self.shell_key = cell_of[self.order] * self.width + radius
-        self.shell_slack = 4.0 * 2.0**-52 * cells * self.width  # the float64 rounding of j * width + radius
+        self.radius = np.sqrt(radius_sq)  # |k - c_j| by position: sorted within each cell
         self.offsets = np.empty((dim + 1, len(keys)), np.float32)  # [r; -|r|^2 / 2], r = key - its centroid
         self.offsets[dim] = -0.5 * radius_sq
         for i in range(0, len(keys), step):
             rows = self.order[i:i + step]
             self.offsets[:dim, i:i + step] = (keys[rows].astype(np.float64) - cent[cell_of[rows]]).T
+        self.nearest(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))  # compiled now, not in an update
 
     def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Row index of each query's nearest key, given a candidate key row for each (any key: the nearer it is,
         the fewer keys are scanned). query: float32 [n, obs + act]."""
-        import faiss
+        from offlab.neighbour_scan import cells_nearest
 
-        x = np.ascontiguousarray(query, dtype=np.float32)
-        q64 = x.astype(np.float64)
-        near = self.keys[candidate].astype(np.float64) - q64
-        bound_now = np.sqrt(np.einsum("ij,ij->i", near, near))
-        rows = np.arange(len(x))
-        with faiss_threads(1):  # faiss's own BLAS on this thread (numpy's would start threads of its own)
-            dist = faiss.pairwise_distances(x, self.centroids).astype(np.float64)
-        first = dist.argmin(1)
-        q_sq = np.einsum("ij,ij->i", q64, q64)
-        # cell j is scanned when its half-space bound (|q - c_j|^2 - |q - c_1|^2 - error) / (2 |c_j - c_1|) is at most
-        # the candidate's distance, multiplied out (a cell with c_j = c_1, c_1's own included, always is). The query's
-        # distances and the keys' cell assignment were float32: their possible error, taken off the bound, is
-        # rounding * (2 |q|^2 + 2 max |k|^2 + |c_j|^2 + |c_1|^2), in a part of j and a part of the query
-        rounding = self.ROUNDING_PER_DIM * x.shape[1]
-        dist -= rounding * self.centroid_sq[None, :]
-        dist -= (dist[rows, first] + rounding * (2.0 * q_sq + 2.0 * self.key_sq_max + 2.0 * self.centroid_sq[first])
-                 )[:, None]
-        scan = dist <= 2.0 * bound_now[:, None] * self.centroid_gap[first]
-        # the (cell, query) pairs to scan, cell by cell (a cell scanned again is still in cache), and in each
-        # cell the run of keys in the query's shell; float64 rounding allowed for
-        cell, at = np.nonzero(scan.T)
-        to_centroid = q64[at] - self.centroids[cell].astype(np.float64)
-        centre = np.sqrt(np.einsum("ij,ij->i", to_centroid, to_centroid))
-        reach = bound_now[at] + 1e-9 * (centre + bound_now[at]) + self.shell_slack
-        begin = np.maximum(np.searchsorted(self.shell_key, cell * self.width + (centre - reach), "left"),
-                           self.start[cell])
-        end = np.minimum(np.searchsorted(self.shell_key, cell * self.width + (centre + reach), "right"),
-                         self.start[cell + 1])
-        keep = end > begin
-        at, begin, end = at[keep], begin[keep].tolist(), end[keep].tolist()
-        scorer = np.ones((len(at), x.shape[1] + 1), np.float32)  # [q - c_j, 1]
-        scorer[:, :-1] = to_centroid[keep]
-        offsets = self.offsets
-        # one pass of Python per pair (hundreds to tens of thousands a batch): the ndarray's own argmax, not
-        # np.argmax's wrapper, and the scorer's rows as the loop yields them (20% less time on hopper-medium)
-        best = np.fromiter((b + (row @ offsets[:, b:e]).argmax() for row, b, e in zip(scorer, begin, end, strict=True)),
-                           np.int64, len(at))
-        # the float64 nearest of the candidate and each scanned run's best (the candidate first: it wins ties)
-        choices = np.concatenate([candidate, self.order[best]])
-        owner = np.concatenate([rows, at])
-        diff = self.keys[choices].astype(np.float64) - q64[owner]
-        by_owner = np.lexsort((np.einsum("ij,ij->i", diff, diff), owner))
-        first_of_owner = np.ones(len(by_owner), bool)
-        first_of_owner[1:] = owner[by_owner[1:]] != owner[by_owner[:-1]]
-        return choices[by_owner[first_of_owner]]
+        return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
+                             self.offsets, self.order, self.start, self.radius, self.centroids_t,
+                             self.centroid_gap, self.centroid_sq, self.key_sq_max, self.ROUNDING_PER_DIM)
 
 
 class SearchLayout:

@@ -320,6 +320,30 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
+def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64():
+    """Keys in near-copies (2e-5 apart) and queries far from them: the float32 scores the scan ranks keys by (from
+    their offsets to the centroid) misorder some queries' nearest keys, yet every answer is the float64
+    brute-force argmin, from any candidate, because a key whose score comes within rounding of the best is
+    compared in float64."""
+    from offlab.neighbours import VoronoiCells
+
+    rng = np.random.default_rng(7)
+    base = rng.normal(0, 1, size=(400, 4))
+    keys = np.concatenate([base] + [base + rng.normal(0, 2e-5, size=base.shape) for _ in range(3)]).astype(np.float32)
+    cells = VoronoiCells(keys)
+    query = (rng.normal(0, 1, size=(300, 4)) * 40).astype(np.float32)
+    dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    brute = dist.argmin(1)
+    # the float32 squared distances |q - c|^2 - 2 ((q - c).r - |r|^2 / 2) of every key, as the scan scores them
+    cell_of = np.repeat(np.arange(len(cells.start) - 1), np.diff(cells.start))
+    to_centroid = (query[:, None, :] - cells.centroids[cell_of][None]).astype(np.float32)
+    score = (to_centroid * cells.offsets[:-1].T[None]).sum(-1, dtype=np.float32) + cells.offsets[-1][None]
+    by_float32 = cells.order[((to_centroid**2).sum(-1, dtype=np.float32) - 2 * score).argmin(1)]
+    assert (by_float32 != brute).sum() >= 3  # the case is one float32 alone gets wrong
+    for candidate in (brute, rng.integers(0, len(keys), len(query)), dist.argmax(1)):
+        np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
+
+
 def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time():
     """The centroids and each key's cell are stored once per set of keys; read back, every cell holds the same keys
     in the same order as faiss's own train-then-add, so searches give the same answers. Other keys train again."""

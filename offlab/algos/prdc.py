@@ -47,8 +47,9 @@ the learner. Differs from the reference code:
   tree; `state_neighbours=0` turns it off). A query they leave open still has their nearest key as a
   candidate; only the keys of faiss k-means cells that can hold a nearer key, in the shell around the cell's
   centroid that can, are scanned (`VoronoiCells`, on one thread): exact, and 3-6 times as fast as the tree on
-  1M keys. Whichever of the two took less time per query lately takes the open queries; the answer is the
-  same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread;
+  1M keys (6-8 times on hopper-medium's early batches since the scan is compiled, `offlab.neighbour_scan`, as
+  the lists' stage is: together 30% less time per batch than as numpy calls, session 34). Whichever of the two
+  took less time per query lately takes the open queries; the answer is the same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread;
   kept on disk) and a float32 copy of the keys, stored cell by cell. Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
   about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which

@@ -1,0 +1,163 @@
+"""The inner loops of PRDC's exact host search (`offlab.neighbours`), compiled by numba.
+
+As numpy calls they were dozens of small operations per batch and one matrix-vector product per (query, cell) pair,
+each a few microseconds of call overhead on a few hundred keys: compiled, the same arithmetic takes 40-50% less
+time on hopper-medium's early batches (benchmarks/learner_speed.md, session 34). Both functions are exact: every
+comparison that decides an answer is made in float64 from the float32 keys.
+
+Compiled once per machine and kept in numba's cache (`cache=True`); `nogil`, so helper threads search in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _squared_distance(keys, row, query):
+    """|keys[row] - query|^2 in float64 (query: float64)."""
+    total = 0.0
+    for d in range(query.shape[0]):
+        diff = np.float64(keys[row, d]) - query[d]
+        total += diff * diff
+    return total
+
+
+@njit(cache=True, nogil=True)
+def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_dim, beta, slack):
+    """`StateNeighbours.nearest`: for each query asked at dataset row rows[i], the nearest key among the row's listed
+    states (first the `first` nearest, then, when they certify nothing, the whole list) and whether it is certified
+    the nearest of all keys. keys: float32 [N, dim]; query: float32 [n, dim]; rows: int64 [n]; lists: int32 [N, k]."""
+    n, dim = query.shape
+    listed = lists.shape[1]
+    found = np.empty(n, np.int64)
+    certain = np.zeros(n, np.bool_)
+    gathered = np.empty((listed, dim), np.float32)
+    q = np.empty(dim)
+    for i in range(n):
+        row = rows[i]
+        for d in range(dim):
+            q[d] = query[i, d]
+        own = 0.0  # beta * |s - s_row|: both states are beta * s in the keys
+        for d in range(obs_dim):
+            diff = np.float64(keys[row, d]) - q[d]
+            own += diff * diff
+        offset = math.sqrt(own)
+        best, best_d2 = -1, np.inf
+        begin = 0
+        while True:
+            end = first if begin == 0 else listed
+            # the keys copied out first: their loads (random rows, mostly cache misses) do not wait on the arithmetic
+            for m in range(begin, end):
+                key_row = lists[row, m]
+                for d in range(dim):
+                    gathered[m, d] = keys[key_row, d]
+            for m in range(begin, end):
+                d2 = 0.0
+                for d in range(dim):
+                    diff = np.float64(gathered[m, d]) - q[d]
+                    d2 += diff * diff
+                if d2 < best_d2:
+                    best, best_d2 = lists[row, m], d2
+            floor = beta * (radius_first[row] if end == first else radius[row]) - offset - slack
+            if floor > 0 and best_d2 < floor * floor:
+                certain[i] = True
+                break
+            if end >= listed:
+                break
+            begin = end
+        found[i] = best
+    return found, certain
+
+
+@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def _shell_scores(offsets, begin, end, to_centroid, out):
+    """out[:end - begin] = (q - c).r - |r|^2 / 2 for the keys at positions begin:end (float32: offsets holds r
+    transposed, one row per dimension, and -|r|^2 / 2 last). Reassociated, so it runs as vector instructions; the
+    caller allows for its rounding."""
+    count = end - begin
+    scores = out[:count]
+    last = offsets[offsets.shape[0] - 1, begin:end]
+    for t in range(count):
+        scores[t] = last[t]
+    for d in range(offsets.shape[0] - 1):
+        weight = to_centroid[d]
+        row = offsets[d, begin:end]
+        for t in range(count):
+            scores[t] += weight * row[t]
+
+
+@njit(cache=True, nogil=True)
+def cells_nearest(query, candidate, keys, offsets, order, start, radius, centroids_t, centroid_gap, centroid_sq,
+                  key_sq_max, rounding_per_dim):
+    """`VoronoiCells.nearest`: the row of each query's nearest key, from a candidate row each. See its doc for the
+    bounds; here the cells are visited nearest centroid first, each tested again against the best distance so far."""
+    n, dim = query.shape
+    cells = centroids_t.shape[1]
+    out = np.empty(n, np.int64)
+    to_cells = np.empty(cells)
+    chosen = np.empty(cells, np.int64)
+    q = np.empty(dim)
+    to_centroid = np.empty(dim, np.float32)
+    scores = np.empty(1024, np.float32)
+    rounding = rounding_per_dim * dim
+    for i in range(n):
+        for d in range(dim):
+            q[d] = query[i, d]
+        best = candidate[i]
+        best_d2 = _squared_distance(keys, best, q)
+        q_sq = 0.0
+        for d in range(dim):
+            q_sq += q[d] * q[d]
+        to_cells[:] = 0.0  # |q - c_j|^2, float64
+        for d in range(dim):
+            qd = q[d]
+            for j in range(cells):
+                diff = qd - centroids_t[d, j]
+                to_cells[j] += diff * diff
+        nearest_cell = np.argmin(to_cells)
+        # the half-space bound of cell j, multiplied out: scan it when (|q - c_j|^2 - |q - c_1|^2 - error)
+        # <= 2 d |c_j - c_1|; error: the keys' cell assignment was made in float32
+        base = to_cells[nearest_cell] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[nearest_cell])
+        gap = centroid_gap[nearest_cell]
+        bound = math.sqrt(best_d2)
+        count = 0
+        for j in range(cells):
+            if to_cells[j] - rounding * centroid_sq[j] - base <= 2.0 * bound * gap[j]:
+                chosen[count] = j
+                count += 1
+        visit = chosen[:count][np.argsort(to_cells[chosen[:count]])]
+        for j in visit:
+            bound = math.sqrt(best_d2)
+            if to_cells[j] - rounding * centroid_sq[j] - base > 2.0 * bound * gap[j]:
+                continue
+            # the shell |r| in |q - c_j| +- d: one run of the cell's keys, sorted by |r|
+            centre = math.sqrt(to_cells[j])
+            reach = bound + 1e-9 * (centre + bound)
+            first, last = start[j], start[j + 1]
+            begin = first + np.searchsorted(radius[first:last], centre - reach, "left")
+            end = first + np.searchsorted(radius[first:last], centre + reach, "right")
+            if end <= begin:
+                continue
+            if scores.shape[0] < end - begin:
+                scores = np.empty(2 * (end - begin), np.float32)
+            for d in range(dim):
+                to_centroid[d] = np.float32(q[d] - centroids_t[d, j])
+            _shell_scores(offsets, begin, end, to_centroid, scores)
+            # |q - k|^2 = |q - c_j|^2 - 2 score: a key whose float32 score is within its rounding of beating the
+            # best is compared in float64, from its float32 key (bound: float32's 2^-24, twice over per term, on
+            # |q - c_j| |r| + |r|^2 / 2 <= |q - c_j|^2 + |r|^2 with |r| <= centre + reach)
+            allowance = 4.0 * (dim + 1) * 2.0**-24 * (to_cells[j] + (centre + reach) ** 2)
+            limit = 0.5 * (to_cells[j] - best_d2) - allowance
+            for t in range(end - begin):
+                if scores[t] >= limit:
+                    key_row = order[begin + t]
+                    d2 = _squared_distance(keys, key_row, q)
+                    if d2 < best_d2:
+                        best, best_d2 = key_row, d2
+                        limit = 0.5 * (to_cells[j] - best_d2) - allowance
+        out[i] = best
+    return out
