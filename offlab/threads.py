@@ -147,8 +147,19 @@ def flushes_denormals(threads: int = 1) -> bool:
     return not torch.count_nonzero((subnormal * 1.0).view(torch.int32)).item()
 
 
+_OPENMP_RUNTIME = None  # found once (`_openmp_runtime`): a loaded library stays loaded
+
+
 def _openmp_runtime():
-    """The OpenMP runtime this process has loaded (libgomp, or LLVM's libomp/libiomp) as a ctypes library."""
+    """The OpenMP runtime this process has loaded (libgomp, or LLVM's libomp/libiomp) as a ctypes library; None
+    before one is loaded, or off Linux."""
+    global _OPENMP_RUNTIME
+    if _OPENMP_RUNTIME is None:
+        _OPENMP_RUNTIME = _find_openmp_runtime()
+    return _OPENMP_RUNTIME
+
+
+def _find_openmp_runtime():
     import ctypes
 
     try:
