@@ -1,9 +1,9 @@
 """The inner loops of PRDC's exact host search (`offlab.neighbours`), compiled by numba.
 
 As numpy calls they were dozens of small operations per batch and one matrix-vector product per (query, cell) pair,
-each a few microseconds of call overhead on a few hundred keys: compiled, the same arithmetic takes 40-50% less
-time on hopper-medium's early batches (benchmarks/learner_speed.md, session 34). Both functions are exact: every
-comparison that decides an answer is made in float64 from the float32 keys.
+each a few microseconds of call overhead on a few hundred keys: compiled, a batch of hopper-medium's queries at
+update 3,000 took about 30% less time, the cells' part half (benchmarks/learner_speed.md, session 34). Both functions
+are exact: every comparison that decides an answer is made in float64 from the float32 keys.
 
 Compiled once per machine and kept in numba's cache (`cache=True`); `nogil`, so helper threads search in parallel.
 """
