@@ -236,9 +236,9 @@ def test_without_state_neighbours_a_query_at_a_row_starts_the_cells_from_that_ro
 @pytest.mark.parametrize("search", ["kdtree", "ivf"])
 def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(hopper_random, monkeypatch,
                                                                                 search, threads):
-    """With torch on n threads the search runs inline (nothing beside it), so the queries left to the tree (or
-    the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours are
-    the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
+    """With torch on n threads the search runs inline (nothing beside it), so its queries (here all left to the
+    tree, or the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours
+    are the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
     import offlab.neighbours as neighbours_module
 
     data = Transitions(hopper_random)
@@ -266,6 +266,38 @@ def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(
     assert shares == [([100 // threads] * threads, threads - 1)]
     assert torch.equal(alone, shared)
     assert torch.equal(alone[:15], few)
+
+
+def test_an_inline_search_on_two_threads_shares_the_lists_and_cells_too(hopper_random, monkeypatch):
+    """Asked at dataset rows (the learner's case), the whole search, the state neighbours and the cells as well
+    as the tree, is shared out in one share per thread (the compiled loops release the interpreter's lock), once
+    per batch, and gives the one-thread search's neighbours."""
+    import offlab.neighbours as neighbours_module
+
+    data = Transitions(hopper_random)
+    learner = make(data, beta=2.0, state_neighbours=16)
+    index = learner.nearest_dataset_action
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randint(0, len(data), (64,), generator=gen)
+    s = learner.normalizer(data.obs[rows])
+    a = torch.rand(64, data.action.shape[1], generator=gen) * 2 - 1  # far from the data: the cells take many
+    alone = index.nearest_index(s, a, rows)
+    shares = []
+    split_work = neighbours_module.SplitWork
+
+    def counted(purpose, fn, chunks, helpers=1):
+        shares.append(([len(c) for c in chunks], helpers))
+        return split_work(purpose, fn, chunks, helpers)
+
+    monkeypatch.setattr(neighbours_module, "SplitWork", counted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shared = index.nearest_index(s, a, rows)
+    finally:
+        torch.set_num_threads(before)
+    assert shares == [([32, 32], 1)]
+    assert torch.equal(alone, shared)
 
 
 def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several_helpers():

@@ -38,8 +38,9 @@ the learner. Differs from the reference code:
   count). On one
   core, or with `search_process=false`: with one torch thread the search runs on a helper
   thread, the main thread taking the queries not yet begun if it outlasts the critic steps (they come in
-  chunks, `SplitWork`); with several, inline after the critic step, its tree queries shared out over as
-  many threads as torch has (the official code's `workers=-1` uses every core too).
+  chunks, `SplitWork`); with several, inline after the critic step, its queries shared out over as many
+  threads as torch has (the official code's `workers=-1` uses every core too; the compiled search releases the
+  interpreter's lock: 1.49-1.63x TD3+BC's time against 1.72x on hopper-medium's updates 500-3,500, session 34).
 - Before the tree, each query asked at a dataset row tries that row's nearest dataset states
   (`StateNeighbours`, 128 found once per dataset and kept on disk; the first 32 first): when the
   nearest of their keys is nearer than any key off the list can be, it is the exact neighbour and the
