@@ -376,6 +376,28 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
+def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer():
+    """3,000 copies of one key fill one cell far beyond the 1,024 scores the scan holds at first; beside them, one
+    key near each query. From the farthest key as candidate, a query nearest that cell's centroid scans it first,
+    whole, in one run (the buffer grows), and every answer is still the float64 brute-force argmin."""
+    from offlab.neighbours import VoronoiCells
+
+    rng = np.random.default_rng(11)
+    centre = np.full(5, 2.0)
+    offset = rng.normal(0, 1e-2, size=(50, 5))
+    keys = np.concatenate([np.tile(centre, (3000, 1)), centre + 0.9 * offset, rng.normal(0, 3, size=(1000, 5))]
+                          ).astype(np.float32)
+    cells = VoronoiCells(keys)
+    full = int(np.argmax(np.diff(cells.start)))
+    assert cells.start[full + 1] - cells.start[full] > 1024
+    query = (centre + offset).astype(np.float32)
+    to_centroids = ((query[:, None].astype(np.float64) - cells.centroids[None].astype(np.float64)) ** 2).sum(-1)
+    assert (to_centroids.argmin(1) == full).sum() >= 3  # queries whose first cell is the full one
+    dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    assert (dist.argmin(1) >= 3000).all()  # each query's nearest is one of the keys beside the copies
+    np.testing.assert_array_equal(cells.nearest(query, dist.argmax(1)), dist.argmin(1))
+
+
 def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time():
     """The centroids and each key's cell are stored once per set of keys; read back, every cell holds the same keys
     in the same order as faiss's own train-then-add, so searches give the same answers. Other keys train again."""
