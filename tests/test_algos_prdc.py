@@ -232,22 +232,10 @@ def test_without_state_neighbours_a_query_at_a_row_starts_the_cells_from_that_ro
         assert (brute != rows.numpy()).mean() > 0.1  # 17.5% here
 
 
-@pytest.mark.parametrize("threads", [2, 4])
-@pytest.mark.parametrize("search", ["kdtree", "ivf"])
-def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(hopper_random, monkeypatch,
-                                                                                search, threads):
-    """With torch on n threads the search runs inline (nothing beside it), so its queries (here all left to the
-    tree, or the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours
-    are the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
+def count_split_work(monkeypatch) -> list:
+    """Record each `SplitWork` the neighbour index starts: (its chunks' lengths, its helper threads)."""
     import offlab.neighbours as neighbours_module
 
-    data = Transitions(hopper_random)
-    # without state neighbours, and asked at no row, every query goes to the tree
-    index = make(data, beta=2.0, state_neighbours=0, nn_search=search).nearest_dataset_action
-    gen = torch.Generator().manual_seed(3)
-    s = torch.randn(100, data.obs.shape[1], generator=gen)
-    a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
-    alone = index.nearest_index(s, a)
     shares = []
     split_work = neighbours_module.SplitWork
 
@@ -256,6 +244,24 @@ def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(
         return split_work(purpose, fn, chunks, helpers)
 
     monkeypatch.setattr(neighbours_module, "SplitWork", counted)
+    return shares
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("search", ["kdtree", "ivf"])
+def test_an_inline_search_on_several_torch_threads_shares_the_tree_with_helpers(hopper_random, monkeypatch,
+                                                                                search, threads):
+    """With torch on n threads the search runs inline (nothing beside it), so its queries (here all left to the
+    tree, or the inverted file) are shared out in n equal shares, n - 1 of them to helper threads; the neighbours
+    are the one-thread search's. Too few queries for shares of 8 stay on the calling thread."""
+    data = Transitions(hopper_random)
+    # without state neighbours, and asked at no row, every query goes to the tree
+    index = make(data, beta=2.0, state_neighbours=0, nn_search=search).nearest_dataset_action
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(100, data.obs.shape[1], generator=gen)
+    a = torch.rand(100, data.action.shape[1], generator=gen) * 2 - 1
+    alone = index.nearest_index(s, a)
+    shares = count_split_work(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -272,8 +278,6 @@ def test_an_inline_search_on_two_threads_shares_the_lists_and_cells_too(hopper_r
     """Asked at dataset rows (the learner's case), the whole search, the state neighbours and the cells as well
     as the tree, is shared out in one share per thread (the compiled loops release the interpreter's lock), once
     per batch, and gives the one-thread search's neighbours."""
-    import offlab.neighbours as neighbours_module
-
     data = Transitions(hopper_random)
     learner = make(data, beta=2.0, state_neighbours=16)
     index = learner.nearest_dataset_action
@@ -282,14 +286,7 @@ def test_an_inline_search_on_two_threads_shares_the_lists_and_cells_too(hopper_r
     s = learner.normalizer(data.obs[rows])
     a = torch.rand(64, data.action.shape[1], generator=gen) * 2 - 1  # far from the data: the cells take many
     alone = index.nearest_index(s, a, rows)
-    shares = []
-    split_work = neighbours_module.SplitWork
-
-    def counted(purpose, fn, chunks, helpers=1):
-        shares.append(([len(c) for c in chunks], helpers))
-        return split_work(purpose, fn, chunks, helpers)
-
-    monkeypatch.setattr(neighbours_module, "SplitWork", counted)
+    shares = count_split_work(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
