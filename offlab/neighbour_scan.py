@@ -91,6 +91,13 @@ def _shell_scores(offsets, begin, end, to_centroid, out):
 
 
 @njit(cache=True, nogil=True)
+def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
+    """The half-space bound of a cell, multiplied out: (|q - c_j|^2 - |q - c_1|^2 - error) <= 2 d |c_j - c_1|, its
+    keys' possible float32 misassignment taken off (`base`: |q - c_1|^2 and the query's part of the error)."""
+    return to_cell - rounding * centroid_sq - base <= 2.0 * bound * gap
+
+
+@njit(cache=True, nogil=True)
 def cells_nearest(query, candidate, keys, offsets, order, start, radius, centroids_t, centroid_gap, centroid_sq,
                   key_sq_max, rounding_per_dim):
     """`VoronoiCells.nearest`: the row of each query's nearest key, from a candidate row each. See its doc for the
@@ -119,20 +126,19 @@ def cells_nearest(query, candidate, keys, offsets, order, start, radius, centroi
                 diff = qd - centroids_t[d, j]
                 to_cells[j] += diff * diff
         nearest_cell = np.argmin(to_cells)
-        # the half-space bound of cell j, multiplied out: scan it when (|q - c_j|^2 - |q - c_1|^2 - error)
-        # <= 2 d |c_j - c_1|; error: the keys' cell assignment was made in float32
+        # |q - c_1|^2 and the query's part of the error allowed for the keys' float32 cell assignment
         base = to_cells[nearest_cell] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[nearest_cell])
         gap = centroid_gap[nearest_cell]
         bound = math.sqrt(best_d2)
         count = 0
         for j in range(cells):
-            if to_cells[j] - rounding * centroid_sq[j] - base <= 2.0 * bound * gap[j]:
+            if _cell_may_hold_nearer(to_cells[j], centroid_sq[j], base, gap[j], bound, rounding):
                 chosen[count] = j
                 count += 1
         visit = chosen[:count][np.argsort(to_cells[chosen[:count]])]
         for j in visit:
             bound = math.sqrt(best_d2)
-            if to_cells[j] - rounding * centroid_sq[j] - base > 2.0 * bound * gap[j]:
+            if not _cell_may_hold_nearer(to_cells[j], centroid_sq[j], base, gap[j], bound, rounding):
                 continue
             # the shell |r| in |q - c_j| +- d: one run of the cell's keys, sorted by |r|
             centre = math.sqrt(to_cells[j])

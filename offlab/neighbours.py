@@ -590,8 +590,8 @@ class NearestDatasetAction:
     SPLIT_ROWS = 32
     """Queries per chunk of an overlapped search (start_search): 8 chunks for PRDC's 256-row batch."""
     SHARE_TREE_ROWS = 16
-    """An inline search with torch on several threads shares the tree's queries with helper threads from this
-    many on (in shares of at least half as many)."""
+    """An inline search with torch on several threads shares its queries with helper threads from this many on (in
+    shares of at least half as many)."""
 
     def __init__(self, norm_obs: torch.Tensor, actions: torch.Tensor, beta: float, search: str,
                  device: torch.device, chunk_rows: int = 65_536, ivf_probe: int = 8, state_neighbours: int = 0,
@@ -679,15 +679,12 @@ class NearestDatasetAction:
         -1 for none), on one core: it may run beside the critic step. `threads` > 1 (the caller has no torch
         work beside it): the queries are shared out in up to `threads` shares, helper threads searching all but
         one (the whole search with the cells; the inverted file's)."""
-        if self.search == "kdtree" and self.cells is not None and threads > 1 and \
-                len(query) >= self.SHARE_TREE_ROWS:
-            # the whole search (lists, cells, tree) in shares, one per thread: its compiled loops release the
-            # interpreter's lock, so the shares run side by side (1.8x on two cores, session 34)
-            shares = min(threads, len(query) // (self.SHARE_TREE_ROWS // 2))
-            parts = np.array_split(np.arange(len(query)), shares)
-            return np.concatenate(SplitWork(
-                "prdc-search", lambda at: self._host_index(query[at], None if rows is None else rows[at]), parts,
-                helpers=shares - 1).result())
+        if self.search == "kdtree" and threads > 1:
+            # the whole search (lists, cells, tree) in shares of the batch's positions, one per thread: its compiled
+            # loops and the tree release the interpreter's lock, so the shares run side by side (1.8x on two cores,
+            # session 34)
+            return self._in_shares(lambda at: self._host_index(query[at], None if rows is None else rows[at]),
+                                   np.arange(len(query)), threads)
         if self.search == "kdtree":
             out = np.empty(len(query), dtype=np.int64)
             todo = np.ones(len(query), dtype=bool)
@@ -701,16 +698,17 @@ class NearestDatasetAction:
                 else:  # the row's own key: a looser upper bound than the lists' nearest
                     found = rows[at]
                 if len(at):
-                    out[at] = self._open_search(query[at], found, threads)
+                    out[at] = self._open_search(query[at], found)
                     todo[at] = False
             if todo.any():  # the rest from the tree over all keys, in their principal axes
-                out[todo] = self._tree_index(query[todo], threads)
+                out[todo] = self._tree_index(query[todo])
             return out
         return self._in_shares(self._ivf_index, np.ascontiguousarray(query, dtype=np.float32), threads)
 
-    def _tree_index(self, query: np.ndarray, threads: int) -> np.ndarray:
+    def _tree_index(self, query: np.ndarray) -> np.ndarray:
+        """The tree's answer, on this thread (`_host_index` shares a batch out over several)."""
         rotated = (query.astype(np.float64) - self.key_mean) @ self.rotation
-        return self._in_shares(lambda q: self.tree.query(q, k=1, workers=1)[1], rotated, threads)
+        return self.tree.query(rotated, k=1, workers=1)[1]
 
     OPEN_RETRY = 50
     OPEN_RETRY_MAX = 1000
@@ -718,7 +716,7 @@ class NearestDatasetAction:
     slower it was (at most OPEN_RETRY_MAX): the retiming costs about 1 / OPEN_RETRY of the search time, however
     slow the other is (the tree took 3-6 times the cells' time on walker2d-medium)."""
 
-    def _open_search(self, query: np.ndarray, candidate: np.ndarray, threads: int) -> np.ndarray:
+    def _open_search(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """The exact neighbours of queries the state neighbours left open, from the KD-tree or the Voronoi cells
         (`VoronoiCells`), whichever took less time per query lately: the cells are several times faster where the
         policy is far from 1M keys (walker2d-medium, hopper-medium), the tree can be on 100k keys. Both give the
@@ -733,10 +731,10 @@ class NearestDatasetAction:
             if since >= self.OPEN_RETRY_MAX or since * cost[method] >= self.OPEN_RETRY * cost[other]:
                 method, self._since_retime = other, 0
         start = time.perf_counter()
-        if method == "cells":  # on this thread: with several, each already has a share of the batch (_host_index)
+        if method == "cells":  # on this thread: with several, each has a share of the batch (_host_index)
             out = self.cells.nearest(query, candidate)
         else:
-            out = self._tree_index(query, threads)
+            out = self._tree_index(query)
         per_query = (time.perf_counter() - start) / len(query)
         cost[method] = per_query if method not in cost else 0.8 * cost[method] + 0.2 * per_query
         return out

@@ -217,7 +217,7 @@ def test_without_state_neighbours_a_query_at_a_row_starts_the_cells_from_that_ro
     candidates, tree_queries = [], []
     cells_nearest, tree_index = index.cells.nearest, index._tree_index
     index.cells.nearest = lambda q, cand: candidates.append(cand.copy()) or cells_nearest(q, cand)
-    index._tree_index = lambda q, threads: tree_queries.append(len(q)) or tree_index(q, threads)
+    index._tree_index = lambda q: tree_queries.append(len(q)) or tree_index(q)
     gen = torch.Generator().manual_seed(5)
     rows = torch.randint(0, len(data), (120,), generator=gen)
     s = learner.normalizer(data.obs[rows])
