@@ -74,20 +74,19 @@ def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_di
 
 
 @njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
-def _shell_scores(offsets, begin, end, to_centroid, out):
-    """out[:end - begin] = (q - c).r - |r|^2 / 2 for the keys at positions begin:end (float32: offsets holds r
-    transposed, one row per dimension, and -|r|^2 / 2 last). Reassociated, so it runs as vector instructions; the
+def _shell_scores(codes, half_sq, begin, end, weight, out):
+    """out[:end - begin] = sum_d weight_d code_d - |r|^2 / 2 for the keys at positions begin:end, in float32 (codes:
+    int8, one row per dimension; weight_d = (q - c)_d step_d). Reassociated, so it runs as vector instructions; the
     caller allows for its rounding."""
     count = end - begin
     scores = out[:count]
-    last = offsets[offsets.shape[0] - 1, begin:end]
     for t in range(count):
-        scores[t] = last[t]
-    for d in range(offsets.shape[0] - 1):
-        weight = to_centroid[d]
-        row = offsets[d, begin:end]
+        scores[t] = half_sq[begin + t]
+    for d in range(codes.shape[0]):
+        w = weight[d]
+        row = codes[d, begin:end]
         for t in range(count):
-            scores[t] += weight * row[t]
+            scores[t] += w * np.float32(row[t])
 
 
 @njit(cache=True, nogil=True)
@@ -98,17 +97,18 @@ def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
 
 
 @njit(cache=True, nogil=True)
-def cells_nearest(query, candidate, keys, offsets, order, start, radius, centroids_t, centroid_gap, centroid_sq,
-                  key_sq_max, rounding_per_dim):
+def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, order, start, radius, centroids_t,
+                  centroid_gap, centroid_sq, key_sq_max, rounding_per_dim):
     """`VoronoiCells.nearest`: the row of each query's nearest key, from a candidate row each. See its doc for the
-    bounds; here the cells are visited nearest centroid first, each tested again against the best distance so far."""
+    bounds and the keys' codes; here the cells are visited nearest centroid first, each tested again against the best
+    distance so far."""
     n, dim = query.shape
     cells = centroids_t.shape[1]
     out = np.empty(n, np.int64)
     to_cells = np.empty(cells)
     chosen = np.empty(cells, np.int64)
     q = np.empty(dim)
-    to_centroid = np.empty(dim, np.float32)
+    weight = np.empty(dim, np.float32)
     scores = np.empty(1024, np.float32)
     rounding = rounding_per_dim * dim
     for i in range(n):
@@ -150,13 +150,20 @@ def cells_nearest(query, candidate, keys, offsets, order, start, radius, centroi
                 continue
             if scores.shape[0] < end - begin:
                 scores = np.empty(2 * (end - begin), np.float32)
+            # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most
+            # coded = sum_d |q - c_j|_d code_error_d, plus float32's rounding (2^-24, twice over per term, on terms
+            # bounded by terms = sum_d |q - c_j|_d max|r_d| and |r|^2 / 2 with |r| <= centre + reach)
+            coded = 0.0
+            terms = 0.0
             for d in range(dim):
-                to_centroid[d] = np.float32(q[d] - centroids_t[d, j])
-            _shell_scores(offsets, begin, end, to_centroid, scores)
-            # |q - k|^2 = |q - c_j|^2 - 2 score: a key whose float32 score is within its rounding of beating the
-            # best is compared in float64, from its float32 key (bound: float32's 2^-24, twice over per term, on
-            # |q - c_j| |r| + |r|^2 / 2 <= |q - c_j|^2 + |r|^2 with |r| <= centre + reach)
-            allowance = 4.0 * (dim + 1) * 2.0**-24 * (to_cells[j] + (centre + reach) ** 2)
+                w = q[d] - centroids_t[d, j]
+                weight[d] = np.float32(w * step[j, d])
+                coded += abs(w) * code_error[j, d]
+                terms += abs(w) * 127.0 * step[j, d]
+            _shell_scores(codes, half_sq, begin, end, weight, scores)
+            # |q - k|^2 = |q - c_j|^2 - 2 score: a key whose score is within that error of beating the best is
+            # compared in float64, from its float32 key
+            allowance = coded + 4.0 * (dim + 1) * 2.0**-24 * (terms + (centre + reach) ** 2)
             limit = 0.5 * (to_cells[j] - best_d2) - allowance
             for t in range(end - begin):
                 if scores[t] >= limit:

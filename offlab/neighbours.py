@@ -369,11 +369,14 @@ class VoronoiCells:
     The cells' bound allows for the keys' cell assignment having been made in float32.
 
     The scan (`neighbour_scan.cells_nearest`, compiled): the keys are stored cell by cell as their offsets
-    r = k - c_j, transposed (one row per dimension, a last row -|r|^2 / 2), so a run's float32 scores
-    (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, and the
-    offsets from the centroid keep float32's rounding to the cell's scale. A key whose score comes within that
-    rounding of beating the best is compared in float64 from its float32 key, so the answer is the float64 nearest
-    key (the candidate, then the first found, on an exact tie).
+    r = k - c_j, each component in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The
+    codes are transposed (one row per dimension) with -|r|^2 / 2 beside them in float32, so a run's scores
+    (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, 27 bytes a
+    key on halfcheetah-medium against 96 in float32: the scan is bound by memory, and a batch of its far queries takes
+    about 40% less time (benchmarks/learner_speed.md, session 35). A code is off by at most the cell's
+    `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and
+    float32's rounding) of beating the best is compared in float64 from its float32 key, so the answer is the float64
+    nearest key (the candidate, then the first found, on an exact tie).
     """
 
     ROUNDING_PER_DIM = 2.0**-22
@@ -392,20 +395,28 @@ class VoronoiCells:
                                                - 2.0 * cent @ cent.T, 0.0))
         self.key_sq_max = float(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max())
         radius_sq = np.empty(len(keys))  # |k - c_j|^2, float64
-        step = 65_536
-        for i in range(0, len(keys), step):
-            r = keys[i:i + step].astype(np.float64) - cent[cell_of[i:i + step]]
-            radius_sq[i:i + step] = np.einsum("ij,ij->i", r, r)
+        chunk = 65_536
+        for i in range(0, len(keys), chunk):
+            r = keys[i:i + chunk].astype(np.float64) - cent[cell_of[i:i + chunk]]
+            radius_sq[i:i + chunk] = np.einsum("ij,ij->i", r, r)
         self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
         radius_sq = radius_sq[self.order]
         self.radius = np.sqrt(radius_sq)  # |k - c_j| by position: sorted within each cell
-        self.offsets = np.empty((dim + 1, len(keys)), np.float32)  # [r; -|r|^2 / 2], r = key - its centroid
-        self.offsets[dim] = -0.5 * radius_sq
-        for i in range(0, len(keys), step):
-            rows = self.order[i:i + step]
-            self.offsets[:dim, i:i + step] = (keys[rows].astype(np.float64) - cent[cell_of[rows]]).T
+        self.half_sq = (-0.5 * radius_sq).astype(np.float32)  # -|r|^2 / 2 by position
+        # r = key - its centroid as int8 codes, r_d ~ step[j, d] code_d: the cells' largest |r_d| first
+        largest = np.zeros((cells, dim))
+        for _, cell, runs, r in self._offsets(keys, cell_of, cent, chunk):
+            largest[cell[runs]] = np.maximum(largest[cell[runs]], np.maximum.reduceat(np.abs(r), runs, axis=0))
+        self.step = np.where(largest > 0, largest, 1.0) / 127.0
+        self.codes = np.empty((dim, len(keys)), np.int8)
+        self.code_error = np.zeros((cells, dim))  # the largest |r_d - step_d code_d| in each cell, <= step_d / 2
+        for positions, cell, runs, r in self._offsets(keys, cell_of, cent, chunk):
+            code = np.clip(np.rint(r / self.step[cell]), -127, 127)
+            self.codes[:, positions] = code.T
+            error = np.maximum.reduceat(np.abs(r - code * self.step[cell]), runs, axis=0)
+            self.code_error[cell[runs]] = np.maximum(self.code_error[cell[runs]], error)
         self.nearest(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))  # compiled now, not in an update
 
     def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -414,8 +425,18 @@ class VoronoiCells:
         from offlab.neighbour_scan import cells_nearest
 
         return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
-                             self.offsets, self.order, self.start, self.radius, self.centroids_t,
-                             self.centroid_gap, self.centroid_sq, self.key_sq_max, self.ROUNDING_PER_DIM)
+                             self.codes, self.step, self.code_error, self.half_sq, self.order, self.start,
+                             self.radius, self.centroids_t, self.centroid_gap, self.centroid_sq, self.key_sq_max,
+                             self.ROUNDING_PER_DIM)
+
+    def _offsets(self, keys: np.ndarray, cell_of: np.ndarray, cent: np.ndarray, chunk: int):
+        """For chunks of `chunk` positions: the positions, their cells, where each cell's run starts in the chunk
+        (positions go cell by cell) and r = key - centroid in float64 [chunk, dim]."""
+        for i in range(0, len(keys), chunk):
+            positions = slice(i, min(i + chunk, len(keys)))
+            cell = cell_of[self.order[positions]]
+            runs = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+            yield positions, cell, runs, keys[self.order[positions]].astype(np.float64) - cent[cell]
 
 
 class SearchLayout:

@@ -340,8 +340,14 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     radius = np.sqrt((offset**2).sum(1))
     for cell in range(len(sizes)):  # in each cell, nearest the centroid first: a shell is one run of keys
         assert (np.diff(radius[cells.start[cell]:cells.start[cell + 1]]) >= 0).all()
-    np.testing.assert_allclose(cells.offsets[:-1].T, offset, atol=1e-5)
-    np.testing.assert_allclose(cells.offsets[-1], -0.5 * (offset**2).sum(1), rtol=1e-5, atol=1e-6)
+    # each offset component in one byte: within its cell's code error, at most half a step (1/127 of the cell's
+    # largest component), and that bound is attained within rounding somewhere (it is the largest error)
+    step, error = cells.step[cell_of], cells.code_error[cell_of]
+    assert np.abs(cells.codes).max() == 127 and (error <= 0.5 * step * (1 + 1e-9)).all()
+    miss = np.abs(offset - cells.codes.T * step)
+    assert (miss <= error).all() and np.allclose(np.maximum.reduceat(miss, cells.start[:-1], axis=0),
+                                                 cells.code_error, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(cells.half_sq, -0.5 * (offset**2).sum(1), rtol=1e-6, atol=1e-7)
     query = np.concatenate([keys[:100] + rng.normal(0, 0.05, (100, 6)), rng.normal(0, 6, (100, 6))]).astype(np.float32)
     dist = ((query[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
@@ -350,10 +356,10 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
 
 
 def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64():
-    """Keys in near-copies (2e-5 apart) and queries far from them: the float32 scores the scan ranks keys by (from
-    their offsets to the centroid) misorder some queries' nearest keys, yet every answer is the float64
-    brute-force argmin, from any candidate, because a key whose score comes within rounding of the best is
-    compared in float64."""
+    """Keys in near-copies (2e-5 apart) and queries far from them: the scores the scan ranks keys by (from their
+    offsets to the centroid in one-byte codes, summed in float32) misorder many queries' nearest keys, yet every
+    answer is the float64 brute-force argmin, from any candidate, because a key whose score comes within the codes'
+    error and float32's rounding of the best is compared in float64."""
     from offlab.neighbours import VoronoiCells
 
     rng = np.random.default_rng(7)
@@ -363,12 +369,13 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
     query = (rng.normal(0, 1, size=(300, 4)) * 40).astype(np.float32)
     dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
-    # the float32 squared distances |q - c|^2 - 2 ((q - c).r - |r|^2 / 2) of every key, as the scan scores them
+    # the squared distances |q - c|^2 - 2 ((q - c).r - |r|^2 / 2) of every key, as the scan scores them
     cell_of = np.repeat(np.arange(len(cells.start) - 1), np.diff(cells.start))
-    to_centroid = (query[:, None, :] - cells.centroids[cell_of][None]).astype(np.float32)
-    score = (to_centroid * cells.offsets[:-1].T[None]).sum(-1, dtype=np.float32) + cells.offsets[-1][None]
-    by_float32 = cells.order[((to_centroid**2).sum(-1, dtype=np.float32) - 2 * score).argmin(1)]
-    assert (by_float32 != brute).sum() >= 3  # the case is one float32 alone gets wrong
+    to_centroid = query[:, None, :].astype(np.float64) - cells.centroids[cell_of][None]
+    weight = (to_centroid * cells.step[cell_of][None]).astype(np.float32)
+    score = (weight * cells.codes.T[None]).sum(-1, dtype=np.float32) + cells.half_sq[None]
+    by_score = cells.order[((to_centroid**2).sum(-1) - 2 * score).argmin(1)]
+    assert (by_score != brute).sum() >= 3  # the case is one the scores alone get wrong
     for candidate in (brute, rng.integers(0, len(keys), len(query)), dist.argmax(1)):
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
