@@ -97,80 +97,118 @@ def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
 
 
 @njit(cache=True, nogil=True)
+def _scan_shell(j, q, best, best_d2, to_cell, keys, codes, step, code_error, half_sq, order, start, radius,
+                centroids_t, weight, scores):
+    """Cell j's keys in the shell |k - c_j| in |q - c_j| +- d (d: the best distance so far; one run of positions,
+    sorted by |k - c_j|), scored from their codes: (best row, its squared distance, the score buffer, grown if
+    it had to be)."""
+    dim = q.shape[0]
+    bound = math.sqrt(best_d2)
+    centre = math.sqrt(to_cell)
+    reach = bound + 1e-9 * (centre + bound)
+    first, last = start[j], start[j + 1]
+    begin = first + np.searchsorted(radius[first:last], centre - reach, "left")
+    end = first + np.searchsorted(radius[first:last], centre + reach, "right")
+    if end <= begin:
+        return best, best_d2, scores
+    if scores.shape[0] < end - begin:
+        scores = np.empty(2 * (end - begin), np.float32)
+    # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most
+    # coded = sum_d |q - c_j|_d code_error_d, plus float32's rounding (2^-24, twice over per term, on terms
+    # bounded by terms = sum_d |q - c_j|_d max|r_d| and |r|^2 / 2 with |r| <= centre + reach)
+    coded = 0.0
+    terms = 0.0
+    for d in range(dim):
+        w = q[d] - centroids_t[d, j]
+        weight[d] = np.float32(w * step[j, d])
+        coded += abs(w) * code_error[j, d]
+        terms += abs(w) * 127.0 * step[j, d]
+    _shell_scores(codes, half_sq, begin, end, weight, scores)
+    # |q - k|^2 = |q - c_j|^2 - 2 score: a key whose score is within that error of beating the best is compared in
+    # float64, from its float32 key
+    allowance = coded + 4.0 * (dim + 1) * 2.0**-24 * (terms + (centre + reach) ** 2)
+    limit = 0.5 * (to_cell - best_d2) - allowance
+    for t in range(end - begin):
+        if scores[t] >= limit:
+            key_row = order[begin + t]
+            d2 = _squared_distance(keys, key_row, q)
+            if d2 < best_d2:
+                best, best_d2 = key_row, d2
+                limit = 0.5 * (to_cell - best_d2) - allowance
+    return best, best_d2, scores
+
+
+@njit(cache=True, nogil=True)
 def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, order, start, radius, centroids_t,
                   centroid_gap, centroid_sq, key_sq_max, rounding_per_dim):
     """`VoronoiCells.nearest`: the row of each query's nearest key, from a candidate row each. See its doc for the
-    bounds and the keys' codes; here the cells are visited nearest centroid first, each tested again against the best
-    distance so far."""
+    bounds and the keys' codes. Each query's nearest cell is scanned first, for a tight bound; then cell by cell,
+    every query whose bound (its best distance so far) still admits the cell, so that the queries after the first
+    read a cell's codes from cache (a batch of halfcheetah-medium's far queries took 25% less time than scanning
+    query by query)."""
     n, dim = query.shape
     cells = centroids_t.shape[1]
-    out = np.empty(n, np.int64)
-    to_cells = np.empty(cells)
-    chosen = np.empty(cells, np.int64)
-    q = np.empty(dim)
+    to_cells = np.empty((n, cells))  # |q_i - c_j|^2, float64
+    qs = np.empty((n, dim))
+    base = np.empty(n)
+    nearest_cell = np.empty(n, np.int64)
+    best = np.empty(n, np.int64)
+    best_d2 = np.empty(n)
     weight = np.empty(dim, np.float32)
     scores = np.empty(1024, np.float32)
     rounding = rounding_per_dim * dim
+    pair_query = np.empty(16 * n, np.int64)  # the (query, cell) pairs left after each query's first cell
+    pair_cell = np.empty(16 * n, np.int64)
+    pairs = 0
+    per_cell = np.zeros(cells + 1, np.int64)
     for i in range(n):
+        q = qs[i]
         for d in range(dim):
             q[d] = query[i, d]
-        best = candidate[i]
-        best_d2 = _squared_distance(keys, best, q)
+        best[i] = candidate[i]
+        best_d2[i] = _squared_distance(keys, best[i], q)
         q_sq = 0.0
         for d in range(dim):
             q_sq += q[d] * q[d]
-        to_cells[:] = 0.0  # |q - c_j|^2, float64
+        row = to_cells[i]
+        row[:] = 0.0
         for d in range(dim):
             qd = q[d]
             for j in range(cells):
                 diff = qd - centroids_t[d, j]
-                to_cells[j] += diff * diff
-        nearest_cell = np.argmin(to_cells)
+                row[j] += diff * diff
+        first = np.argmin(row)
+        nearest_cell[i] = first
         # |q - c_1|^2 and the query's part of the error allowed for the keys' float32 cell assignment
-        base = to_cells[nearest_cell] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[nearest_cell])
-        gap = centroid_gap[nearest_cell]
-        bound = math.sqrt(best_d2)
-        count = 0
+        base[i] = row[first] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[first])
+        best[i], best_d2[i], scores = _scan_shell(first, q, best[i], best_d2[i], row[first], keys, codes, step,
+                                                  code_error, half_sq, order, start, radius, centroids_t, weight,
+                                                  scores)
+        if pair_query.shape[0] < pairs + cells:  # room for every cell (grown here, not in the loop: it stays tight)
+            pair_query = np.concatenate((pair_query[:pairs], np.empty(pairs + cells, np.int64)))
+            pair_cell = np.concatenate((pair_cell[:pairs], np.empty(pairs + cells, np.int64)))
+        gap = centroid_gap[first]
+        bound = math.sqrt(best_d2[i])
         for j in range(cells):
-            if _cell_may_hold_nearer(to_cells[j], centroid_sq[j], base, gap[j], bound, rounding):
-                chosen[count] = j
-                count += 1
-        visit = chosen[:count][np.argsort(to_cells[chosen[:count]])]
-        for j in visit:
-            bound = math.sqrt(best_d2)
-            if not _cell_may_hold_nearer(to_cells[j], centroid_sq[j], base, gap[j], bound, rounding):
-                continue
-            # the shell |r| in |q - c_j| +- d: one run of the cell's keys, sorted by |r|
-            centre = math.sqrt(to_cells[j])
-            reach = bound + 1e-9 * (centre + bound)
-            first, last = start[j], start[j + 1]
-            begin = first + np.searchsorted(radius[first:last], centre - reach, "left")
-            end = first + np.searchsorted(radius[first:last], centre + reach, "right")
-            if end <= begin:
-                continue
-            if scores.shape[0] < end - begin:
-                scores = np.empty(2 * (end - begin), np.float32)
-            # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most
-            # coded = sum_d |q - c_j|_d code_error_d, plus float32's rounding (2^-24, twice over per term, on terms
-            # bounded by terms = sum_d |q - c_j|_d max|r_d| and |r|^2 / 2 with |r| <= centre + reach)
-            coded = 0.0
-            terms = 0.0
-            for d in range(dim):
-                w = q[d] - centroids_t[d, j]
-                weight[d] = np.float32(w * step[j, d])
-                coded += abs(w) * code_error[j, d]
-                terms += abs(w) * 127.0 * step[j, d]
-            _shell_scores(codes, half_sq, begin, end, weight, scores)
-            # |q - k|^2 = |q - c_j|^2 - 2 score: a key whose score is within that error of beating the best is
-            # compared in float64, from its float32 key
-            allowance = coded + 4.0 * (dim + 1) * 2.0**-24 * (terms + (centre + reach) ** 2)
-            limit = 0.5 * (to_cells[j] - best_d2) - allowance
-            for t in range(end - begin):
-                if scores[t] >= limit:
-                    key_row = order[begin + t]
-                    d2 = _squared_distance(keys, key_row, q)
-                    if d2 < best_d2:
-                        best, best_d2 = key_row, d2
-                        limit = 0.5 * (to_cells[j] - best_d2) - allowance
-        out[i] = best
-    return out
+            if j != first and _cell_may_hold_nearer(row[j], centroid_sq[j], base[i], gap[j], bound, rounding):
+                pair_query[pairs], pair_cell[pairs] = i, j
+                pairs += 1
+                per_cell[j + 1] += 1
+    # the pairs by cell (a counting sort: within a cell, by query), each tested again against the best distance so far
+    for j in range(cells):
+        per_cell[j + 1] += per_cell[j]
+    filled = per_cell[:-1].copy()
+    by_cell = np.empty(pairs, np.int64)
+    for p in range(pairs):
+        j = pair_cell[p]
+        by_cell[filled[j]] = pair_query[p]
+        filled[j] += 1
+    for j in range(cells):
+        for p in range(per_cell[j], per_cell[j + 1]):
+            i = by_cell[p]
+            if _cell_may_hold_nearer(to_cells[i, j], centroid_sq[j], base[i], centroid_gap[nearest_cell[i], j],
+                                     math.sqrt(best_d2[i]), rounding):
+                best[i], best_d2[i], scores = _scan_shell(j, qs[i], best[i], best_d2[i], to_cells[i, j], keys, codes,
+                                                          step, code_error, half_sq, order, start, radius,
+                                                          centroids_t, weight, scores)
+    return best
