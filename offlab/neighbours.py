@@ -361,8 +361,9 @@ class VoronoiCells:
     distance from a query q to a key k of cell j (centroid c_j), both to beat the best distance d found so far:
     - the half-space bound (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|), c_1 the centroid nearest q: which cells
       to scan (5-9 per query on hopper-medium and walker2d-medium, the candidate being tight: it comes from the
-      state neighbours, for the queries they found but could not certify). The cells are visited nearest centroid
-      first, and each is tested again against the best distance so far, which only shrinks;
+      state neighbours, for the queries they found but could not certify). Each query's nearest cell is scanned
+      first; then the others cell by cell over the batch (a cell's codes stay in cache for the queries after the
+      first), each tested again against the query's best distance so far, which only shrinks;
     - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
       centroid, so the keys to scan are one contiguous run, those in the shell |k - c_j| in |q - c_j| +- d (about
       half of the cell on walker2d-medium).
@@ -372,8 +373,9 @@ class VoronoiCells:
     r = k - c_j, each component in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The
     codes are transposed (one row per dimension) with -|r|^2 / 2 beside them in float32, so a run's scores
     (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, 27 bytes a
-    key on halfcheetah-medium against 96 in float32: the scan is bound by memory, and a batch of its far queries takes
-    about 40% less time (benchmarks/learner_speed.md, session 35). A code is off by at most the cell's
+    key on halfcheetah-medium against 96 in float32. The scan is bound by memory: with the codes and the cell-by-cell
+    order, a batch of halfcheetah-medium's far queries at update 1,000 takes 34-38 ms against 77-88 ms
+    (benchmarks/learner_speed.md, session 35). A code is off by at most the cell's
     `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and
     float32's rounding) of beating the best is compared in float64 from its float32 key, so the answer is the float64
     nearest key (the candidate, then the first found, on an exact tie).

@@ -821,10 +821,10 @@ def test_a_script_without_a_main_guard_trains_prdc_with_its_search_process(tmp_p
     assert done.stdout.splitlines() == ["trained 6"]
 
 
-def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopper_random, monkeypatch):
+def test_a_slow_exact_search_leaves_one_notice_that_says_why(hopper_random, monkeypatch):
     """Some actor steps' waits for the exact search are timed (after UNTIMED_SEARCHES); when their mean reaches
-    SLOW_SEARCH_S the learner leaves one notice for the loop to print (naming nn_search=ivf), and its numbers are
-    unchanged."""
+    SLOW_SEARCH_S the learner leaves one notice for the loop to print (the policy far from the data), and its
+    numbers are unchanged."""
     data = Transitions(hopper_random)
     g = torch.Generator().manual_seed(2)
     batches = [data.sample(64, g) for _ in range(16)]
@@ -836,7 +836,8 @@ def test_a_slow_exact_search_leaves_one_notice_that_names_the_inverted_file(hopp
     assert slow.notices == []
     update_on(slow, batches[9:])  # the fifth, then three more untimed
     assert len(slow.notices) == 1
-    assert "--set nn_search=ivf" in slow.notices[0] and "actor steps 3-5 waiting" in slow.notices[0]
+    assert "actor steps 3-5 waiting" in slow.notices[0] and "far from the data" in slow.notices[0]
+    assert "\n" not in slow.notices[0]
     monkeypatch.setattr(PRDC, "SLOW_SEARCH_S", 1e9)
     fast, ivf = make(data), make(data, nn_search="ivf")
     update_on(fast, batches)

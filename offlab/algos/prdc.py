@@ -49,9 +49,11 @@ the learner. Differs from the reference code:
   candidate; only the keys of faiss k-means cells that can hold a nearer key, in the shell around the cell's
   centroid that can, are scanned (`VoronoiCells`, on one thread): exact, and 3-6 times as fast as the tree on
   1M keys (6-8 times on hopper-medium's early batches since the scan is compiled, `offlab.neighbour_scan`, as
-  the lists' stage is: together 30% less time per batch than as numpy calls, session 34). Whichever of the two
-  took less time per query lately takes the open queries; the answer is the same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread;
-  kept on disk) and a float32 copy of the keys, stored cell by cell. Without the lists (`state_neighbours=0`) a
+  the lists' stage is: together 30% less time per batch than as numpy calls, session 34; the keys' offsets read as
+  one-byte codes, cell by cell over the batch: halfcheetah-medium's far batches in less than half the time,
+  session 35). Whichever of the two took less time per query lately takes the open queries; the answer is the
+  same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
+  on disk) and a copy of the keys stored cell by cell, a byte per component. Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
   about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which
   took such queries before, took 1.8 s per 256.
@@ -59,13 +61,14 @@ the learner. Differs from the reference code:
   step never waits on a host round trip.
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
   neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
-  dominate) an exact search over 1M keys has to visit most of them: 1.8 s per 256 queries on one
-  core for the tree, 0.1-0.2 s with the state neighbours and the cells, where the inverted file takes
-  about 40 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther
-  (benchmarks/prdc_search.py, benchmarks/learner_speed.md).
+  dominate) an exact search over 1M keys has to visit many of them: 1.8 s per 256 queries on one core for
+  the tree, 34-38 ms with the state neighbours and the cells (session 35), where the inverted file takes
+  about 35 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther
+  (benchmarks/prdc_search.py, benchmarks/learner_speed.md). In training it is no longer faster: updates
+  1,000-3,000 on halfcheetah-medium took 25.4 ms exact and 26.2 ms with `ivf` (TD3+BC 5.2 ms; session 35).
   With several torch threads an inline search's queries are shared out over them, as the tree's.
-  The default stays exact: when the exact search keeps actor steps 501-520 waiting 0.03 s or more,
-  the learner leaves a notice that names `ivf` (`notices`, printed once by the training loop).
+  When the exact search keeps actor steps 501-520 waiting 0.03 s or more, the learner leaves a notice
+  saying why (`notices`, printed once by the training loop).
 - The index keys hold the states exactly as the learner normalises them, so queries and keys can
   never disagree about normalisation.
 - The twin critics are one 2-member vectorised ensemble.
@@ -192,10 +195,10 @@ class PRDC:
     Config: ClassVar[type] = PRDCConfig
     SLOW_SEARCH_S: ClassVar[float] = 0.03
     """An exact search that keeps the actor step waiting this long (mean over `TIMED_SEARCHES` after the first
-    `UNTIMED_SEARCHES`) earns a notice that names the approximate `nn_search=ivf`. With the search process beside
-    two critic steps, actor steps 500-1,000 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
+    `UNTIMED_SEARCHES`) earns a notice saying why training is slow. With the search process beside two critic
+    steps, actor steps 500-1,000 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
     halfcheetah-medium (alpha 40: the policy is far from the data for its first ~25,000 updates), where PRDC then
-    took 10x TD3+BC's time per update (benchmarks/learner_speed.md, sessions 29-30)."""
+    took 10x TD3+BC's time per update (benchmarks/learner_speed.md, sessions 29-30; 5x since session 35)."""
     UNTIMED_SEARCHES: ClassVar[int] = 500
     """Actor steps before the timing: the freshly initialised policy is far from the data everywhere (walker2d's
     first actor steps wait as long as halfcheetah's, 0.36 against 0.39 s), and only a policy that stays far
@@ -387,11 +390,10 @@ class PRDC:
         if mean >= self.SLOW_SEARCH_S:
             self.notices.append(
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
-                f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average (the "
-                f"policy is far from the data; on halfcheetah-medium that lasted about 25,000 updates, and PRDC then "
-                f"cost about 1.3 times TD3+BC's time); --set nn_search=ivf, faiss's approximate inverted file, found "
-                f"the exact neighbour for 98-100% of such queries and took PRDC's early updates on halfcheetah-medium "
-                f"from 5.9 to 2.1 times TD3+BC's time (benchmarks/learner_speed.md)")
+                f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average: the "
+                f"policy is still far from the data, so each search scans many keys. On halfcheetah-medium that "
+                f"lasts about 25,000 updates, at up to 5 times TD3+BC's time per update, and about 1.3 times after; "
+                f"--set nn_search=ivf (approximate) was no faster there on 2 cores (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
         """The batch the next `update` will get (the training loop announces it before the current update):
