@@ -5,15 +5,39 @@ each a few microseconds of call overhead on a few hundred keys: compiled, a batc
 update 3,000 took about 30% less time, the cells' part half (benchmarks/learner_speed.md, session 34). Both functions
 are exact: every comparison that decides an answer is made in float64 from the float32 keys.
 
-Compiled once per machine and kept in numba's cache (`cache=True`); `nogil`, so helper threads search in parallel.
+Compiled once per machine and kept in numba's cache (`cache=True`): beside this file, or in OFFLAB_HOME/numba where
+that folder cannot be written (`NUMBA_CACHE_DIR` overrides both); `nogil`, so helper threads search in parallel.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit
+
+from offlab import paths
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in `folder` (created if missing), as numba's cache needs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+# numba keeps the cache beside the module by default, else in the user's cache folder, and where it can write
+# neither (an installed package read-only, a user without a home) it raises at the first decorator below, so
+# PRDC could not even be imported: OFFLAB_HOME, which offlab writes anyway, takes it then
+if not os.environ.get("NUMBA_CACHE_DIR") and not _writable(Path(__file__).parent / "__pycache__"):
+    numba.config.CACHE_DIR = str(paths.home() / "numba")
 
 
 @njit(cache=True, nogil=True)

@@ -4,6 +4,7 @@ point under the key [beta * s, a], found by an exact index over the whole datase
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
@@ -973,3 +974,30 @@ def test_switching_the_search_layout_never_changes_the_numbers(hopper_random, mo
         for name in PRDC.STATE_PARTS[:4]:
             for a, b in zip(getattr(fixed, name).parameters(), getattr(other, name).parameters(), strict=True):
                 assert torch.equal(a, b), name
+
+
+def test_the_compiled_search_caches_in_offlab_home_where_numba_could_not_write(tmp_path):
+    """A copy of the compiled loops' module whose folder cannot hold a `__pycache__` (a file of that name is in the
+    way, which stops root too) for a user whose cache folder cannot be made either: numba would raise at import;
+    the module imports, and its compiled code is kept under OFFLAB_HOME/numba."""
+    import offlab.neighbour_scan as scan
+
+    package = tmp_path / "readonly"
+    package.mkdir()
+    (package / "__pycache__").write_text("not a folder")
+    (package / "scan_copy.py").write_text(Path(scan.__file__).read_text())
+    home = tmp_path / "user"
+    home.mkdir()
+    (home / ".cache").write_text("not a folder")
+    program = (
+        "import importlib.util, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('scan_copy', {str(package / 'scan_copy.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(module._squared_distance(np.ones((1, 2), np.float32), 0, np.zeros(2)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache" / "x"), OFFLAB_HOME=str(tmp_path / "offlab"))
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "2.0"
+    assert list((tmp_path / "offlab" / "numba").rglob("*.nbi"))  # the cache index numba wrote there
