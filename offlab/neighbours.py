@@ -374,7 +374,7 @@ class VoronoiCells:
     codes are transposed (one row per dimension) with -|r|^2 / 2 beside them in float32, so a run's scores
     (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, 27 bytes a
     key on halfcheetah-medium against 96 in float32. The scan is bound by memory: with the codes and the cell-by-cell
-    order, a batch of halfcheetah-medium's far queries at update 1,000 takes 34-38 ms against 77-88 ms
+    order, a batch of halfcheetah-medium's far queries at update 1,000 takes 25-30 ms against 77-88 ms
     (benchmarks/learner_speed.md, session 35). A code is off by at most the cell's
     `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and
     float32's rounding) of beating the best is compared in float64 from its float32 key, so the answer is the float64

@@ -62,7 +62,7 @@ the learner. Differs from the reference code:
 - Opt-in `nn_search=ivf`: faiss's inverted-file index in place of the exact search, an approximate
   neighbour. Where pi(s) is far from every dataset pair (halfcheetah, whose alpha of 40 lets the Q term
   dominate) an exact search over 1M keys has to visit many of them: 1.8 s per 256 queries on one core for
-  the tree, 34-38 ms with the state neighbours and the cells (session 35), where the inverted file takes
+  the tree, 25-30 ms with the state neighbours and the cells (session 35), where the inverted file takes
   about 35 ms and returns the exact neighbour for >= 99.6% of queries, the others at most 4.5% farther
   (benchmarks/prdc_search.py, benchmarks/learner_speed.md). In training it is no longer faster: updates
   1,000-3,000 on halfcheetah-medium took 25.4 ms exact and 26.2 ms with `ivf` (TD3+BC 5.2 ms; session 35).
@@ -198,7 +198,7 @@ class PRDC:
     `UNTIMED_SEARCHES`) earns a notice saying why training is slow. With the search process beside two critic
     steps, actor steps 500-1,000 waited 2-3 ms on walker2d-medium and hopper-medium, and 70-100 ms on
     halfcheetah-medium (alpha 40: the policy is far from the data for its first ~25,000 updates), where PRDC then
-    took 10x TD3+BC's time per update (benchmarks/learner_speed.md, sessions 29-30; 5x since session 35)."""
+    took 10x TD3+BC's time per update (benchmarks/learner_speed.md, sessions 29-30; 2-5x since session 35)."""
     UNTIMED_SEARCHES: ClassVar[int] = 500
     """Actor steps before the timing: the freshly initialised policy is far from the data everywhere (walker2d's
     first actor steps wait as long as halfcheetah's, 0.36 against 0.39 s), and only a policy that stays far
@@ -392,7 +392,7 @@ class PRDC:
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
                 f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average: the "
                 f"policy is still far from the data, so each search scans many keys. On halfcheetah-medium that "
-                f"lasts about 25,000 updates, at up to 5 times TD3+BC's time per update, and about 1.3 times after; "
+                f"lasts about 20,000 updates, at 2-5 times TD3+BC's time per update, and about 1.3 times after; "
                 f"--set nn_search=ivf (approximate) was no faster there on 2 cores (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
