@@ -182,10 +182,9 @@ def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, orde
     query by query)."""
     n, dim = query.shape
     cells = centroids_t.shape[1]
-    to_cells = np.empty((n, cells))  # |q_i - c_j|^2, float64
+    row = np.empty(cells)  # |q_i - c_j|^2, float64
     qs = np.empty((n, dim))
     base = np.empty(n)
-    nearest_cell = np.empty(n, np.int64)
     best = np.empty(n, np.int64)
     best_d2 = np.empty(n)
     weight = np.empty(dim, np.float32)
@@ -193,6 +192,8 @@ def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, orde
     rounding = rounding_per_dim * dim
     pair_query = np.empty(16 * n, np.int64)  # the (query, cell) pairs left after each query's first cell
     pair_cell = np.empty(16 * n, np.int64)
+    pair_to_cell = np.empty(16 * n)  # the pair's |q_i - c_j|^2 and |c_j - c_1|: read in order below, not at random
+    pair_gap = np.empty(16 * n)
     pairs = 0
     per_cell = np.zeros(cells + 1, np.int64)
     for i in range(n):
@@ -204,7 +205,6 @@ def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, orde
         q_sq = 0.0
         for d in range(dim):
             q_sq += q[d] * q[d]
-        row = to_cells[i]
         row[:] = 0.0
         for d in range(dim):
             qd = q[d]
@@ -212,7 +212,6 @@ def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, orde
                 diff = qd - centroids_t[d, j]
                 row[j] += diff * diff
         first = np.argmin(row)
-        nearest_cell[i] = first
         # |q - c_1|^2 and the query's part of the error allowed for the keys' float32 cell assignment
         base[i] = row[first] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[first])
         best[i], best_d2[i], scores = _scan_shell(first, q, best[i], best_d2[i], row[first], keys, codes, step,
@@ -223,28 +222,34 @@ def cells_nearest(query, candidate, keys, codes, step, code_error, half_sq, orde
         if pair_query.shape[0] < pairs + cells:
             pair_query = np.concatenate((pair_query[:pairs], np.empty(pairs + cells, np.int64)))
             pair_cell = np.concatenate((pair_cell[:pairs], np.empty(pairs + cells, np.int64)))
+            pair_to_cell = np.concatenate((pair_to_cell[:pairs], np.empty(pairs + cells)))
+            pair_gap = np.concatenate((pair_gap[:pairs], np.empty(pairs + cells)))
         gap = centroid_gap[first]
         bound = math.sqrt(best_d2[i])
         for j in range(cells):
             if j != first and _cell_may_hold_nearer(row[j], centroid_sq[j], base[i], gap[j], bound, rounding):
                 pair_query[pairs], pair_cell[pairs] = i, j
+                pair_to_cell[pairs], pair_gap[pairs] = row[j], gap[j]
                 pairs += 1
                 per_cell[j + 1] += 1
-    # the pairs by cell (a counting sort: within a cell, by query), each tested again against the best distance so far
+    # the pairs by cell (a counting sort: within a cell, by query), each tested again against the query's best
+    # distance so far
     for j in range(cells):
         per_cell[j + 1] += per_cell[j]
     filled = per_cell[:-1].copy()
     by_cell = np.empty(pairs, np.int64)
+    to_cell = np.empty(pairs)
+    cell_gap = np.empty(pairs)
     for p in range(pairs):
-        j = pair_cell[p]
-        by_cell[filled[j]] = pair_query[p]
-        filled[j] += 1
+        at = filled[pair_cell[p]]
+        by_cell[at], to_cell[at], cell_gap[at] = pair_query[p], pair_to_cell[p], pair_gap[p]
+        filled[pair_cell[p]] = at + 1
     for j in range(cells):
         for p in range(per_cell[j], per_cell[j + 1]):
             i = by_cell[p]
-            if _cell_may_hold_nearer(to_cells[i, j], centroid_sq[j], base[i], centroid_gap[nearest_cell[i], j],
-                                     math.sqrt(best_d2[i]), rounding):
-                best[i], best_d2[i], scores = _scan_shell(j, qs[i], best[i], best_d2[i], to_cells[i, j], keys, codes,
+            if _cell_may_hold_nearer(to_cell[p], centroid_sq[j], base[i], cell_gap[p], math.sqrt(best_d2[i]),
+                                     rounding):
+                best[i], best_d2[i], scores = _scan_shell(j, qs[i], best[i], best_d2[i], to_cell[p], keys, codes,
                                                           step, code_error, half_sq, order, start, radius,
                                                           centroids_t, weight, scores)
     return best
