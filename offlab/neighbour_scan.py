@@ -80,10 +80,7 @@ def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_di
                 for d in range(dim):
                     gathered[m, d] = keys[key_row, d]
             for m in range(begin, end):
-                d2 = 0.0
-                for d in range(dim):
-                    diff = np.float64(gathered[m, d]) - q[d]
-                    d2 += diff * diff
+                d2 = _squared_distance(gathered, m, q)
                 if d2 < best_d2:
                     best, best_d2 = lists[row, m], d2
             floor = beta * (radius_first[row] if end == first else radius[row]) - offset - slack
