@@ -370,15 +370,17 @@ class VoronoiCells:
     The cells' bound allows for the keys' cell assignment having been made in float32.
 
     The scan (`neighbour_scan.cells_nearest`, compiled): the keys are stored cell by cell as their offsets
-    r = k - c_j, each component in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The
-    codes are transposed (one row per dimension) with -|r|^2 / 2 beside them in float32, so a run's scores
-    (q - c_j).r - |r|^2 / 2 (the largest is the nearest key) are vector instructions over contiguous memory, 27 bytes a
-    key on halfcheetah-medium against 96 in float32. The scan is bound by memory: with the codes and the cell-by-cell
-    order, a batch of halfcheetah-medium's far queries at update 1,000 takes 25-30 ms against 77-88 ms
-    (benchmarks/learner_speed.md, session 35). A code is off by at most the cell's
+    r = k - c_j in the scan's axes (`_scan_axes`: the action first, then the state's principal axes), each component
+    in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The distance over the leading
+    axes alone (`_lead_axes`, 16 of halfcheetah-medium's 23) is a lower bound on the whole, and it rules out all but
+    about 16 of the ~30,000 keys a far query scans there. So the leading axes' codes are transposed (one row per
+    axis) with their -|r|^2 / 2 beside them in float32: a run's scores (q - c_j).r - |r|^2 / 2 over them are vector
+    instructions over contiguous memory. The rest of a key (its other codes and their -|r|^2 / 2) is one record, read
+    only for the keys that pass. A batch of halfcheetah-medium's far queries (update 10,000) takes 18 ms against 24
+    (all the axes scanned; session 36, benchmarks/learner_speed.md). A code is off by at most the cell's
     `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and
-    float32's rounding) of beating the best is compared in float64 from its float32 key, so the answer is the float64
-    nearest key (the candidate, then the first found, on an exact tie).
+    the rounding of float32 and of the axes) of beating the best is compared in float64 from its float32 key, so the
+    answer is the float64 nearest key (the candidate, then the first found, on an exact tie).
     """
 
     ROUNDING_PER_DIM = 2.0**-22
@@ -386,7 +388,7 @@ class VoronoiCells:
     2^-24 four times over for each term of the sums): it bounds the keys' float32 cell assignment; an overestimate
     only widens the scan."""
 
-    def __init__(self, keys: np.ndarray):
+    def __init__(self, keys: np.ndarray, action_dim: int = 0):
         self.keys = keys = _compiled_input(keys, np.float32)
         self.centroids, cell_of = kmeans_partition(keys)
         cells, dim = self.centroids.shape
@@ -397,48 +399,97 @@ class VoronoiCells:
                                                - 2.0 * cent @ cent.T, 0.0))
         self.key_sq_max = float(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max())
         radius_sq = np.empty(len(keys))  # |k - c_j|^2, float64
+        scatter = np.zeros((dim, dim))  # of the offsets k - c_j: their principal axes
         chunk = 65_536
         for i in range(0, len(keys), chunk):
             r = keys[i:i + chunk].astype(np.float64) - cent[cell_of[i:i + chunk]]
             radius_sq[i:i + chunk] = np.einsum("ij,ij->i", r, r)
+            scatter += r.T @ r
+        self.axes = self._scan_axes(scatter, action_dim)
+        self.lead = self._lead_axes(dim)
         self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
-        radius_sq = radius_sq[self.order]
-        self.radius = np.sqrt(radius_sq)  # |k - c_j| by position: sorted within each cell
-        self.half_sq = (-0.5 * radius_sq).astype(np.float32)  # -|r|^2 / 2 by position
-        # r = key - its centroid as int8 codes, r_d ~ step[j, d] code_d: the cells' largest |r_d| first
+        self.radius = np.sqrt(radius_sq[self.order])  # |k - c_j| by position: sorted within each cell
+        # the offsets r = key - its centroid in the scan's axes, as int8 codes, r_d ~ step[j, d] code_d: the cells'
+        # largest |r_d| first
+        self.centroids_axes = cent @ self.axes.T  # [cells, dim]: a cell's, in a row (read per (query, cell) pair)
         largest = np.zeros((cells, dim))
         for _, cell, runs, r in self._offsets(keys, cell_of, cent, chunk):
             largest[cell[runs]] = np.maximum(largest[cell[runs]], np.maximum.reduceat(np.abs(r), runs, axis=0))
         self.step = np.where(largest > 0, largest, 1.0) / 127.0
-        self.codes = np.empty((dim, len(keys)), np.int8)
+        # the leading axes' codes one row per axis (a run of keys is scanned axis by axis), the rest's a row per key
+        # (looked up for the few keys that pass the leading axes: one cache line each, not one per axis)
+        self.codes = np.empty((self.lead, len(keys)), np.int8)
+        # a key's rest: its codes and -|r|^2 / 2 over the rest of the axes, in one record of whole 4-byte words
+        rest = dim - self.lead
+        record = np.zeros((len(keys), 4 * (-(-rest // 4) + 1)), np.int8)
+        self.codes_rest = record[:, :rest]
+        self.half_sq_rest = record[:, -4:].view(np.float32)[:, 0]
         self.code_error = np.zeros((cells, dim))  # the largest |r_d - step_d code_d| in each cell, <= step_d / 2
+        # -|r|^2 / 2 by position, split at the leading dimensions: of those, and of the rest
+        self.half_sq_lead = np.empty(len(keys), np.float32)
         for positions, cell, runs, r in self._offsets(keys, cell_of, cent, chunk):
             code = np.clip(np.rint(r / self.step[cell]), -127, 127)
-            self.codes[:, positions] = code.T
+            self.codes[:, positions] = code[:, :self.lead].T
+            self.codes_rest[positions] = code[:, self.lead:]
             error = np.maximum.reduceat(np.abs(r - code * self.step[cell]), runs, axis=0)
             self.code_error[cell[runs]] = np.maximum(self.code_error[cell[runs]], error)
+            self.half_sq_lead[positions] = -0.5 * np.einsum("ij,ij->i", r[:, :self.lead], r[:, :self.lead])
+            self.half_sq_rest[positions] = -0.5 * np.einsum("ij,ij->i", r[:, self.lead:], r[:, self.lead:])
         self.nearest(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))  # compiled now, not in an update
+
+    @staticmethod
+    def _lead_axes(dim: int) -> int:
+        """How many axes the scan scores every key of a shell in (`neighbour_scan._scan_shell`; the rest only for
+        the keys that pass): about two thirds, in whole passes of four. The fewer, the less each key costs and the
+        more keys pass: 8 of hopper-medium's 14 and 16 of halfcheetah-medium's 23 took the least time (session 36:
+        12 and 20 on halfcheetah-medium, 4 and 12 on hopper-medium took 3-18% more)."""
+        return min(dim, max(4, 4 * round(dim * 0.65 / 4)))
+
+    @staticmethod
+    def _scan_axes(scatter: np.ndarray, action_dim: int) -> np.ndarray:
+        """The orthonormal axes [dim, dim] (one a row) the offsets are coded and scanned in: the keys' last
+        `action_dim` components (PRDC's action) as they are, first, then the rest's principal axes by decreasing
+        variance (of all components when `action_dim` is 0). A query is far from the data mostly in its action
+        (the policy's; its state is a dataset state), and the offsets vary most along the first principal axes, so
+        a key's distance over the leading axes alone is most of it: the scan drops most keys after those."""
+        dim = len(scatter)
+        state = dim - action_dim
+        axes = np.zeros((dim, dim))
+        axes[np.arange(action_dim), state + np.arange(action_dim)] = 1.0
+        if state:
+            values, vectors = np.linalg.eigh(scatter[:state, :state])
+            axes[action_dim:, :state] = vectors[:, np.argsort(values)[::-1]].T
+        return axes
 
     def nearest(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Row index of each query's nearest key, given a candidate key row for each (any key: the nearer it is,
         the fewer keys are scanned). query: float32 [n, obs + act]."""
         from offlab.neighbour_scan import cells_nearest
 
-        return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
-                             self.codes, self.step, self.code_error, self.half_sq, self.order, self.start,
-                             self.radius, self.centroids_t, self.centroid_gap, self.centroid_sq, self.key_sq_max,
-                             self.ROUNDING_PER_DIM)
+        query = _compiled_input(query, np.float32)
+        q64 = query.astype(np.float64)
+        # |q - c_j|^2 of every pair in one product, to choose the cells to scan (a scan recomputes its cell's as the
+        # squares of the differences)
+        to_centroids = np.einsum("ij,ij->i", q64, q64)[:, None] + self.centroid_sq[None, :]
+        to_centroids -= 2.0 * q64 @ self.centroids_t
+        np.maximum(to_centroids, 0.0, out=to_centroids)
+        return cells_nearest(query, _compiled_input(q64 @ self.axes.T, np.float64),
+                             _compiled_input(candidate, np.int64),
+                             self.keys, self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_lead,
+                             self.half_sq_rest, self.lead, self.order, self.start, self.radius,
+                             _compiled_input(to_centroids, np.float64), self.centroids_axes, self.centroid_gap,
+                             self.centroid_sq, self.key_sq_max, self.ROUNDING_PER_DIM)
 
     def _offsets(self, keys: np.ndarray, cell_of: np.ndarray, cent: np.ndarray, chunk: int):
         """For chunks of `chunk` positions: the positions, their cells, where each cell's run starts in the chunk
-        (positions go cell by cell) and r = key - centroid in float64 [chunk, dim]."""
+        (positions go cell by cell) and r = key - centroid in float64 in the scan's axes [chunk, dim]."""
         for i in range(0, len(keys), chunk):
             positions = slice(i, min(i + chunk, len(keys)))
             cell = cell_of[self.order[positions]]
             runs = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
-            yield positions, cell, runs, keys[self.order[positions]].astype(np.float64) - cent[cell]
+            yield positions, cell, runs, (keys[self.order[positions]].astype(np.float64) - cent[cell]) @ self.axes.T
 
 
 class SearchLayout:
@@ -660,7 +711,7 @@ class NearestDatasetAction:
                 self.slack = 4.0 * math.sqrt(keys.shape[1]) * float(np.abs(self.keys32).max()) * 2.0**-24
             # a query asked at a dataset row comes with a candidate, the nearest listed key (or, without the lists,
             # the row's own key): the cells beside the tree (see _open_search)
-            self.cells = VoronoiCells(host_keys)
+            self.cells = VoronoiCells(host_keys, action_dim=actions.shape[1])
             self.open_cost: dict[str, float] = {}  # seconds per open query of each, recent searches weighted more
             self._since_retime = 0  # open searches since the slower of the two was last timed
         if search == "kdtree":

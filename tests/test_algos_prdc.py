@@ -153,7 +153,9 @@ def test_the_whole_list_settles_what_its_first_states_leave_open():
     """1-D states 0, 1, 2, 3 with actions 0, 0.5, 0, 5 (raw keys, beta 1). Row 0's list holds states 0, 1, 2
     (any other key is at least 2 away); its first stage only state 0 (radius 0: it certifies nothing). Asked
     at row 0: action 0.5 keeps (0, 0) at 0.5 and the whole list certifies it; action 1.6 finds (1, 0.5) at
-    1.49 in the second stage, certified; action 5 finds (1, 0.5) at 4.6, above 2, and the tree finds (3, 5)."""
+    1.49 in the second stage, certified; action 2.3 finds (1, 0.5) at 2.06 there, above 2: not certified.
+    Action 5 leaves (0, 0) at 5 after the first stage, more than twice the whole list's floor squared (25 > 8):
+    the second stage is skipped, and the open search finds (3, 5)."""
     from offlab.neighbours import StateNeighbours
 
     learner = make(table([0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.0, 5.0]), beta=1.0, normalize_states=False,
@@ -162,11 +164,11 @@ def test_the_whole_list_settles_what_its_first_states_leave_open():
     index.neighbours = StateNeighbours(np.array([[0.0], [1.0], [2.0], [3.0]], np.float32), 3, first=1)
     assert index.neighbours.rows[0].tolist() == [0, 1, 2]
     assert index.neighbours.radius_first[0] == 0.0 and index.neighbours.radius[0] == 2.0
-    query = np.array([[0.0, 0.5], [0.0, 1.6], [0.0, 5.0]], np.float32)
-    found, certain = index.neighbours.nearest(index.keys32, 1.0, query, np.array([0, 0, 0]), index.slack)
-    assert found.tolist() == [0, 1, 1] and certain.tolist() == [True, True, False]
-    s, a = torch.zeros(3, 1), torch.tensor([[0.5], [1.6], [5.0]])
-    assert index.nearest_index(s, a, torch.tensor([0, 0, 0])).tolist() == [0, 1, 3]
+    query = np.array([[0.0, 0.5], [0.0, 1.6], [0.0, 2.3], [0.0, 5.0]], np.float32)
+    found, certain = index.neighbours.nearest(index.keys32, 1.0, query, np.array([0, 0, 0, 0]), index.slack)
+    assert found.tolist() == [0, 1, 1, 0] and certain.tolist() == [True, True, False, False]
+    s, a = torch.zeros(4, 1), torch.tensor([[0.5], [1.6], [2.3], [5.0]])
+    assert index.nearest_index(s, a, torch.tensor([0, 0, 0, 0])).tolist() == [0, 1, 1, 3]
 
 
 @pytest.mark.parametrize("noise", [0.02, 0.3, 1.0])
@@ -341,14 +343,23 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     radius = np.sqrt((offset**2).sum(1))
     for cell in range(len(sizes)):  # in each cell, nearest the centroid first: a shell is one run of keys
         assert (np.diff(radius[cells.start[cell]:cells.start[cell + 1]]) >= 0).all()
+    # the offsets are coded in orthonormal axes (no action part here: their principal axes, largest spread first)
+    np.testing.assert_allclose(cells.axes @ cells.axes.T, np.eye(6), atol=1e-12)
+    offset = offset @ cells.axes.T
+    assert (np.diff((offset**2).mean(0)) <= 0).all()
     # each offset component in one byte: within its cell's code error, at most half a step (1/127 of the cell's
     # largest component), and that bound is attained within rounding somewhere (it is the largest error)
+    # (the leading axes' codes a row per axis, the rest a row per key: see the scan)
+    codes = np.concatenate([cells.codes.T, cells.codes_rest], axis=1)
     step, error = cells.step[cell_of], cells.code_error[cell_of]
-    assert np.abs(cells.codes).max() == 127 and (error <= 0.5 * step * (1 + 1e-9)).all()
-    miss = np.abs(offset - cells.codes.T * step)
+    assert np.abs(codes).max() == 127 and (error <= 0.5 * step * (1 + 1e-9)).all()
+    miss = np.abs(offset - codes * step)
     assert (miss <= error).all() and np.allclose(np.maximum.reduceat(miss, cells.start[:-1], axis=0),
                                                  cells.code_error, rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(cells.half_sq, -0.5 * (offset**2).sum(1), rtol=1e-6, atol=1e-7)
+    # -|r|^2 / 2 split at the leading axes the scan scores first (4 of 6), and the rest
+    assert cells.lead == 4
+    np.testing.assert_allclose(cells.half_sq_lead, -0.5 * (offset[:, :4]**2).sum(1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(cells.half_sq_rest, -0.5 * (offset[:, 4:]**2).sum(1), rtol=1e-6, atol=1e-7)
     query = np.concatenate([keys[:100] + rng.normal(0, 0.05, (100, 6)), rng.normal(0, 6, (100, 6))]).astype(np.float32)
     dist = ((query[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
@@ -373,11 +384,41 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
     # the squared distances |q - c|^2 - 2 ((q - c).r - |r|^2 / 2) of every key, as the scan scores them
     cell_of = np.repeat(np.arange(len(cells.start) - 1), np.diff(cells.start))
     to_centroid = query[:, None, :].astype(np.float64) - cells.centroids[cell_of][None]
-    weight = (to_centroid * cells.step[cell_of][None]).astype(np.float32)
-    score = (weight * cells.codes.T[None]).sum(-1, dtype=np.float32) + cells.half_sq[None]
+    weight = (to_centroid @ cells.axes.T * cells.step[cell_of][None]).astype(np.float32)
+    codes = np.concatenate([cells.codes.T, cells.codes_rest], axis=1)
+    score = (weight * codes[None]).sum(-1, dtype=np.float32) + cells.half_sq_lead + cells.half_sq_rest
     by_score = cells.order[((to_centroid**2).sum(-1) - 2 * score).argmin(1)]
     assert (by_score != brute).sum() >= 3  # the case is one the scores alone get wrong
     for candidate in (brute, rng.integers(0, len(keys), len(query)), dist.argmax(1)):
+        np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(offset):
+    """Keys [state (5), action (2)]: the scan's axes take the two action components first as they are, then the
+    states' principal axes; the leading 4 axes are scored for every key of a shell and the rest only for the keys
+    they leave in. Queries with dataset states and actions far off (the policy early in training), and keys in
+    near-copies: every answer is still the float64 brute-force argmin, also with everything moved 300 from the
+    origin (the axes' float64 rounding then grows with |q| and |c|, and the scan allows for it)."""
+    from offlab.neighbours import VoronoiCells
+
+    rng = np.random.default_rng(13)
+    states = rng.normal(0, 1, size=(1500, 5)) @ np.diag([3.0, 2.0, 1.0, 0.5, 0.2])
+    actions = np.tanh(states[:, :2] + rng.normal(0, 0.3, size=(1500, 2)))
+    base = np.concatenate([states, actions], axis=1)
+    keys = (np.concatenate([base, base + rng.normal(0, 1e-3, size=base.shape)]) + offset).astype(np.float32)
+    cells = VoronoiCells(keys, action_dim=2)
+    np.testing.assert_array_equal(cells.axes[:2], np.eye(7)[5:])  # the action, as it is
+    np.testing.assert_allclose(cells.axes[2:, 5:], 0.0)
+    np.testing.assert_allclose(cells.axes @ cells.axes.T, np.eye(7), atol=1e-12)
+    assert cells.lead == 4 and cells.codes.shape == (4, len(keys)) and cells.codes_rest.shape == (len(keys), 3)
+    rows = rng.integers(0, len(keys), 300)
+    query = keys[rows].astype(np.float64)
+    query[:, 5:] = offset + rng.uniform(-3, 3, size=(300, 2))
+    query = query.astype(np.float32)
+    dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    brute = dist.argmin(1)
+    for candidate in (rows, brute, dist.argmax(1)):
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
