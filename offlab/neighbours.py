@@ -468,19 +468,11 @@ class VoronoiCells:
         the fewer keys are scanned). query: float32 [n, obs + act]."""
         from offlab.neighbour_scan import cells_nearest
 
-        query = _compiled_input(query, np.float32)
-        q64 = query.astype(np.float64)
-        # |q - c_j|^2 of every pair in one product, to choose the cells to scan (a scan recomputes its cell's as the
-        # squares of the differences)
-        to_centroids = np.einsum("ij,ij->i", q64, q64)[:, None] + self.centroid_sq[None, :]
-        to_centroids -= 2.0 * q64 @ self.centroids_t
-        np.maximum(to_centroids, 0.0, out=to_centroids)
-        return cells_nearest(query, _compiled_input(q64 @ self.axes.T, np.float64),
-                             _compiled_input(candidate, np.int64),
-                             self.keys, self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_lead,
-                             self.half_sq_rest, self.lead, self.order, self.start, self.radius,
-                             _compiled_input(to_centroids, np.float64), self.centroids_axes, self.centroid_gap,
-                             self.centroid_sq, self.key_sq_max, self.ROUNDING_PER_DIM)
+        return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
+                             self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_lead,
+                             self.half_sq_rest, self.lead, self.order, self.start, self.radius, self.centroids_t,
+                             self.axes, self.centroids_axes, self.centroid_gap, self.centroid_sq, self.key_sq_max,
+                             self.ROUNDING_PER_DIM)
 
     def _offsets(self, keys: np.ndarray, cell_of: np.ndarray, cent: np.ndarray, chunk: int):
         """For chunks of `chunk` positions: the positions, their cells, where each cell's run starts in the chunk
