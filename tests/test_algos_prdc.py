@@ -746,6 +746,9 @@ def test_the_search_process_overlaps_at_any_thread_count_and_its_death_is_a_clea
     learner = make(data, search_process=True)
     index = learner.nearest_dataset_action
     assert learner.side_cores == 1 and index.process is not None and index.neighbours is None
+    if sys.platform == "linux":  # numpy's BLAS on the process's one core, whatever this process was given
+        environ = Path(f"/proc/{index.process._process.pid}/environ").read_bytes().split(b"\0")
+        assert {b"OPENBLAS_NUM_THREADS=1", b"MKL_NUM_THREADS=1", b"OMP_NUM_THREADS=1"} <= set(environ)
     started, start_search = [], index.start_search
     monkeypatch.setattr(index, "start_search", lambda *a: started.append(learner.updates) or start_search(*a))
     g = torch.Generator().manual_seed(0)
