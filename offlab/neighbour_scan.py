@@ -187,8 +187,9 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, keys, codes, codes_rest, st
     limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
     limit = 0.5 * (to_cell - best_d2) - coded - rounding
     # how many keys pass the first limit (a vector count: none in most shells), then those, in order, each against
-    # the limits as they are then (which only rise), stopping after the last
-    first_limit = np.float32(limit_lead)
+    # the limits as they are then (which only rise), stopping after the last. The count compares in float32 against
+    # the limit moved down by more than its float32 rounding, so that it counts every key the limit passes
+    first_limit = np.float32(limit_lead - abs(limit_lead) * 2.0**-22)
     passing = _at_least(scores, end - begin, first_limit)
     t = 0
     while passing > 0:
