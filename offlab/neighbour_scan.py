@@ -144,11 +144,11 @@ def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _scan_shell(j, q, q_axes, q_norm, best, best_d2, keys, codes, codes_rest, step, code_error, half_sq_lead,
-                half_sq_rest, lead, order, start, radius, centroids_axes, centroid_sq, weight, scores):
+def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes_rest, step, code_error,
+                half_sq_lead, half_sq_rest, lead, order, start, radius, centroids_axes, centroid_sq, weight, scores):
     """Cell j's keys in the shell |k - c_j| in |q - c_j| +- d (d: the best distance so far; one run of positions,
     sorted by |k - c_j|), scored from their codes into `scores` (room for the largest cell): (best row, its squared
-    distance). q: the query, q_axes: the same in the codes' axes (float64)."""
+    distance). q: the query, q_axes: the same in the codes' axes (float64); to_cell: |q - c_j|^2 (float64)."""
     dim = q.shape[0]
     # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most
     # coded = sum_d |q - c_j|_d code_error_d, plus float32's rounding (2^-24, twice over per term, on terms
@@ -158,22 +158,21 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, keys, codes, codes_rest, st
     coded_lead = 0.0
     terms = 0.0
     lead_sq = 0.0  # |q - c_j|^2 over the leading dimensions
-    to_cell = 0.0  # |q - c_j|^2, from the same differences as the weights
     for d in range(dim):
         w = q_axes[d] - centroids_axes[j, d]
         weight[d] = np.float32(w * step[j, d])
         coded += abs(w) * code_error[j, d]
         terms += abs(w) * 127.0 * step[j, d]
-        to_cell += w * w
         if d < lead:
             coded_lead += abs(w) * code_error[j, d]
             lead_sq += w * w
-    # q_axes and the centroid's axes are float64 products: |q - c_j| in them is off by at most moved (the products'
-    # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), a squared distance by 2 moved (2 |q - c_j| + |r|)
+    # q_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
+    # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), so a squared distance over them, or a score, by
+    # 2 moved (2 |q - c_j| + |r|) at most
     moved = dim * dim * 2.0**-52 * (q_norm + math.sqrt(centroid_sq[j]))
     bound = math.sqrt(best_d2)
     centre = math.sqrt(to_cell)
-    reach = bound + moved + 1e-9 * (centre + bound)
+    reach = bound + 1e-9 * (centre + bound)
     first, last = start[j], start[j + 1]
     begin = first + np.searchsorted(radius[first:last], centre - reach, "left")
     end = first + np.searchsorted(radius[first:last], centre + reach, "right")
@@ -265,9 +264,9 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
         first = np.argmin(row)
         # |q - c_1|^2 and the query's part of the error allowed for the keys' float32 cell assignment
         base[i] = row[first] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[first])
-        best[i], best_d2[i] = _scan_shell(first, q, query_axes[i], q_norm[i], best[i], best_d2[i], keys, codes,
-                                          codes_rest, step, code_error, half_sq_lead, half_sq_rest, lead, order,
-                                          start, radius, centroids_axes, centroid_sq, weight, scores)
+        best[i], best_d2[i] = _scan_shell(first, q, query_axes[i], q_norm[i], best[i], best_d2[i], row[first],
+                                          keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest,
+                                          lead, order, start, radius, centroids_axes, centroid_sq, weight, scores)
         # room for every cell, made here: grown inside the loop below, the arrays made numba compile that loop
         # into one that took the cells twice as long on hopper-medium
         if pair_query.shape[0] < pairs + cells:
@@ -300,8 +299,8 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
             i = by_cell[p]
             if _cell_may_hold_nearer(to_cell[p], centroid_sq[j], base[i], cell_gap[p], math.sqrt(best_d2[i]),
                                      rounding):
-                best[i], best_d2[i] = _scan_shell(j, qs[i], query_axes[i], q_norm[i], best[i], best_d2[i], keys,
-                                                  codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest,
-                                                  lead, order, start, radius, centroids_axes, centroid_sq, weight,
-                                                  scores)
+                best[i], best_d2[i] = _scan_shell(j, qs[i], query_axes[i], q_norm[i], best[i], best_d2[i],
+                                                  to_cell[p], keys, codes, codes_rest, step, code_error,
+                                                  half_sq_lead, half_sq_rest, lead, order, start, radius,
+                                                  centroids_axes, centroid_sq, weight, scores)
     return best

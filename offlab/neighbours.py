@@ -461,7 +461,7 @@ class VoronoiCells:
     def _scan_axes(scatter: np.ndarray, action_dim: int) -> np.ndarray:
         """The orthonormal axes [dim, dim] (one a row) the offsets are coded and scanned in: the keys' last
         `action_dim` components (PRDC's action) as they are, first, then the rest's principal axes by decreasing
-        variance (of all components when `action_dim` is 0). A query is far from the data mostly in its action
+        second moment about the centroids (of all components when `action_dim` is 0). A query is far from the data mostly in its action
         (the policy's; its state is a dataset state), and the offsets vary most along the first principal axes, so
         a key's distance over the leading axes alone is most of it: the scan drops most keys after those."""
         dim = len(scatter)

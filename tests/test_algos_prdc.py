@@ -423,9 +423,9 @@ def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(o
 
 
 def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer():
-    """3,000 copies of one key fill one cell far beyond the 1,024 scores the scan holds at first; beside them, one
-    key near each query. From the farthest key as candidate, a query nearest that cell's centroid scans it first,
-    whole, in one run (the buffer grows), and every answer is still the float64 brute-force argmin."""
+    """3,000 copies of one key fill one cell far beyond 1,024 keys (the scan's score buffer is sized for the largest
+    cell); beside them, one key near each query. From the farthest key as candidate, a query nearest that cell's
+    centroid scans it first, whole, in one run, and every answer is still the float64 brute-force argmin."""
     from offlab.neighbours import VoronoiCells
 
     rng = np.random.default_rng(11)

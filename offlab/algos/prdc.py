@@ -52,8 +52,8 @@ the learner. Differs from the reference code:
   the lists' stage is: together 30% less time per batch than as numpy calls, session 34; the keys' offsets read as
   one-byte codes, cell by cell over the batch: halfcheetah-medium's far batches in less than half the time,
   session 35; scored over the action's and the state's leading axes first, the rest only for the few keys those
-  leave in: a quarter less again, session 36). Whichever of the two took less time per query lately takes the open queries; the answer is the
-  same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
+  leave in: a quarter less again, session 36). Whichever of the two took less time per query lately takes the
+  open queries; the answer is the same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
   on disk) and a copy of the keys stored cell by cell, a byte per component. Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
   about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which
