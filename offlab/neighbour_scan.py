@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from offlab import paths
 
@@ -126,6 +129,196 @@ def _shell_scores(codes, half_sq, begin, end, weight, dims, out):
             scores[t] += w * np.float32(row[t])
 
 
+def byte_products_available() -> bool:
+    """Whether the compiled scan can score the leading axes with AVX-512 VNNI's byte dot products (`vpdpbusd`: 64
+    one-byte products a instruction, against 16 float multiply-adds and two conversions of the float scan): on
+    this machine's CPU (numba compiles for it unless NUMBA_CPU_NAME says otherwise), and unless
+    OFFLAB_BYTE_PRODUCTS=0 turns them off."""
+    if os.environ.get("OFFLAB_BYTE_PRODUCTS", "1") == "0" or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+_BYTES = ir.VectorType(ir.IntType(8), 64)
+_WORDS = ir.VectorType(ir.IntType(32), 16)
+_FLOATS = ir.VectorType(ir.FloatType(), 16)
+
+
+def _splat(builder, value, vector_type):
+    """`value` in every lane of `vector_type`."""
+    one = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), None))
+
+
+@intrinsic
+def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale, offset, half_sq, limit, found):
+    """Scores of the `count` keys from position `begin` into out[:count] (16 at a time; up to 15 more written), in
+    float32: scale * (sum_g vpdpbusd(their codes' group g, packed[g]) - offset) + half_sq[position], the codes as
+    code + 128 (unsigned bytes), the packed weights signed bytes four to a word (the sum is exact, in int32).
+    Returns how many of the count are >= limit, found as they are made, their indices in order in found (int32)."""
+    sig = types.int64(out, codes, begin, count, groups, packed, scale, offset, half_sq, limit, found)
+
+    def codegen(context, builder, signature, args):
+        out_v, codes_v, begin_v, count_v, groups_v, packed_v, scale_v, offset_v, half_v, limit_v, found_v = args
+        found_a = context.make_array(signature.args[10])(context, builder, found_v)
+        out_a = context.make_array(signature.args[0])(context, builder, out_v)
+        codes_a = context.make_array(signature.args[1])(context, builder, codes_v)
+        packed_a = context.make_array(signature.args[5])(context, builder, packed_v)
+        half_a = context.make_array(signature.args[8])(context, builder, half_v)
+        i64 = ir.IntType(64)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_WORDS, [_WORDS, _BYTES, _BYTES]),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        stride = builder.mul(cgutils.unpack_tuple(builder, codes_a.shape)[1], ir.Constant(i64, 4))
+        lanes = ir.Constant(ir.VectorType(i64, 16), [ir.Constant(i64, k) for k in range(16)])
+        scales = _splat(builder, scale_v, _FLOATS)
+        offsets = _splat(builder, offset_v, _WORDS)
+        limits = _splat(builder, limit_v, _FLOATS)
+        counts = _splat(builder, count_v, ir.VectorType(i64, 16))
+        blocks = builder.sdiv(builder.add(count_v, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        passing = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+        total = cgutils.alloca_once(builder, _WORDS)
+        with cgutils.for_range(builder, blocks) as block_loop:
+            first = builder.mul(block_loop.index, ir.Constant(i64, 16))
+            position = builder.add(begin_v, first)
+            builder.store(ir.Constant(_WORDS, None), total)
+            with cgutils.for_range(builder, groups_v) as loop:
+                at = builder.add(builder.mul(position, ir.Constant(i64, 4)), builder.mul(loop.index, stride))
+                block = builder.load(builder.bitcast(builder.gep(codes_a.data, [at]), _BYTES.as_pointer()), align=1)
+                word = builder.load(builder.gep(packed_a.data, [loop.index]))
+                weights = builder.bitcast(_splat(builder, word, _WORDS), _BYTES)
+                builder.store(builder.call(dot, [builder.load(total), block, weights]), total)
+            exact = builder.sub(builder.load(total), offsets)
+            half = builder.load(builder.bitcast(builder.gep(half_a.data, [position]), _FLOATS.as_pointer()), align=4)
+            score = builder.fadd(builder.fmul(builder.sitofp(exact, _FLOATS), scales), half)
+            builder.store(score, builder.bitcast(builder.gep(out_a.data, [first]), _FLOATS.as_pointer()), align=4)
+            inside = builder.icmp_signed("<", builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes),
+                                         counts)
+            over = builder.and_(builder.fcmp_ordered(">=", score, limits), inside)
+            bits = builder.zext(builder.bitcast(over, ir.IntType(16)), i64)
+            # the indices of the passing lanes, packed in order after those found so far (vpcompressd)
+            indices = builder.trunc(builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes), _WORDS)
+            so_far = builder.load(passing)
+            compress = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [_WORDS, ir.IntType(32).as_pointer(),
+                                                                ir.VectorType(ir.IntType(1), 16)]),
+                "llvm.masked.compressstore.v16i32")
+            builder.call(compress, [indices, builder.gep(found_a.data, [so_far]), over])
+            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+            builder.store(builder.add(so_far, builder.call(popcount, [bits])), passing)
+        return builder.load(passing)
+
+    return sig, codegen
+
+
+@intrinsic
+def _weights_in_bytes(typingctx, weight, dims, packed):
+    """Each of weight[:dims] (float32, with room for 16 past a multiple of 16) as one signed byte, w_d ~ scale w8_d
+    with scale the largest |w_d| / 127 (1 if all are 0), into packed's bytes (four to a word, the bytes past dims
+    0). Returns (scale, sum_d |w_d - scale w8_d| in float64, sum_d w8_d): in vector instructions, 16 weights at a
+    time (as numba's scalar code, 160 ns a shell, half the time the products took on halfcheetah-medium)."""
+    sig = types.Tuple((types.float32, types.float64, types.int64))(weight, dims, packed)
+
+    def codegen(context, builder, signature, args):
+        weight_v, dims_v, packed_v = args
+        weight_a = context.make_array(signature.args[0])(context, builder, weight_v)
+        packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
+        i64, f32, f64 = ir.IntType(64), ir.FloatType(), ir.DoubleType()
+        longs, doubles = ir.VectorType(i64, 16), ir.VectorType(f64, 16)
+        lanes = ir.Constant(longs, [ir.Constant(i64, k) for k in range(16)])
+        dims_lanes = _splat(builder, dims_v, longs)
+        chunks = builder.sdiv(builder.add(dims_v, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        module = builder.module
+
+        def vector_call(name, result, *values):
+            function = cgutils.get_or_insert_function(module, ir.FunctionType(result, [v.type for v in values]), name)
+            return builder.call(function, list(values))
+
+        def chunk_of(index):  # weight[16 index:16 index + 16], the lanes past dims 0
+            at = builder.mul(index, ir.Constant(i64, 16))
+            values = builder.load(builder.bitcast(builder.gep(weight_a.data, [at]), _FLOATS.as_pointer()), align=4)
+            inside = builder.icmp_signed("<", builder.add(_splat(builder, at, longs), lanes), dims_lanes)
+            return at, builder.select(inside, values, ir.Constant(_FLOATS, None))
+
+        largest = cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None))
+        with cgutils.for_range(builder, chunks) as loop:
+            _, values = chunk_of(loop.index)
+            size = vector_call("llvm.fabs.v16f32", _FLOATS, values)
+            builder.store(vector_call("llvm.maxnum.v16f32", _FLOATS, builder.load(largest), size), largest)
+        top = vector_call("llvm.vector.reduce.fmax.v16f32", f32, builder.load(largest))
+        zero = builder.fcmp_ordered("==", top, ir.Constant(f32, 0.0))
+        scale = builder.select(zero, ir.Constant(f32, 1.0), builder.fdiv(top, ir.Constant(f32, 127.0)))
+        inverse = _splat(builder, builder.fdiv(ir.Constant(f32, 1.0), scale), _FLOATS)
+        scale_wide = _splat(builder, builder.fpext(scale, f64), doubles)
+        error = cgutils.alloca_once_value(builder, ir.Constant(doubles, None))
+        total = cgutils.alloca_once_value(builder, ir.Constant(_WORDS, None))
+        with cgutils.for_range(builder, chunks) as loop:
+            at, values = chunk_of(loop.index)
+            whole = vector_call("llvm.rint.v16f32", _FLOATS, builder.fmul(values, inverse))
+            whole = vector_call("llvm.minnum.v16f32", _FLOATS, whole, ir.Constant(_FLOATS, [127.0] * 16))
+            whole = vector_call("llvm.maxnum.v16f32", _FLOATS, whole, ir.Constant(_FLOATS, [-127.0] * 16))
+            # exact in float64: a float32 product of float32 values, then one rounding of the difference
+            miss = builder.fsub(builder.fpext(values, doubles), builder.fmul(builder.fpext(whole, doubles), scale_wide))
+            builder.store(builder.fadd(builder.load(error), vector_call("llvm.fabs.v16f64", doubles, miss)), error)
+            words = builder.fptosi(whole, _WORDS)
+            builder.store(builder.add(builder.load(total), words), total)
+            target = builder.gep(builder.bitcast(packed_a.data, ir.IntType(8).as_pointer()), [at])
+            builder.store(builder.trunc(words, ir.VectorType(ir.IntType(8), 16)),
+                          builder.bitcast(target, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        error_sum = vector_call("llvm.vector.reduce.fadd.v16f64", f64, ir.Constant(f64, 0.0), builder.load(error))
+        total_sum = builder.sext(vector_call("llvm.vector.reduce.add.v16i32", ir.IntType(32), builder.load(total)), i64)
+        return context.make_tuple(builder, signature.return_type, [scale, error_sum, total_sum])
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _byte_product_pass(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
+    """`_lead_pass` by VNNI byte products: the weights in one signed byte each (w_d ~ scale w8_d, scale 1/127 of
+    the largest |w_d|), the codes' dot products 64 bytes an instruction, 16 keys at a time (codes: uint8 [groups,
+    keys + 16, 4], code + 128, four axes a word; half_sq and out have room for 16 past the last key). The scores are
+    off by at most 127 sum_d |w_d - scale w8_d| more than the float32 scan's (a code is at most 127 in size)."""
+    scale, error, total = _weights_in_bytes(weight, dims, packed)
+    weights_off = 127.0 * error
+    first = limit - weights_off
+    first_limit = np.float32(first - abs(first) * 2.0**-22)
+    passing = _byte_product_run(out, codes, begin, end - begin, codes.shape[0], packed, scale, np.int32(128 * total),
+                                half_sq, first_limit, found)
+    return weights_off, passing
+
+
+def _lead_pass(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
+    """The scores of the keys at positions begin:end over the leading axes into out[:end - begin] (as
+    `_shell_scores`), then the indices of those that pass `limit` into found, in order: returns what the scores are off
+    by beyond the float32 scan's and how many were found. The limit is lowered by that error and moved below its
+    float32 rounding, so that a score that passes the float64 limit is found. By VNNI byte products where the codes
+    are laid out for them (uint8, 3-d), else in float32 (off by no more)."""
+
+
+@overload(_lead_pass, jit_options={"nogil": True})
+def _lead_pass_for(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
+    if codes.ndim == 3:
+        return lambda codes, half_sq, begin, end, weight, dims, out, packed, limit, found: _byte_product_pass(
+            codes, half_sq, begin, end, weight, dims, out, packed, limit, found)
+
+    def in_float32(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
+        _shell_scores(codes, half_sq, begin, end, weight, dims, out)
+        first_limit = np.float32(limit - abs(limit) * 2.0**-22)
+        passing = _at_least(out, end - begin, first_limit)  # a vector count: none in most shells
+        seen = 0
+        t = 0
+        while seen < passing:
+            if out[t] >= first_limit:
+                found[seen] = t
+                seen += 1
+            t += 1
+        return 0.0, passing
+
+    return in_float32
+
+
 @njit(cache=True, nogil=True)
 def _at_least(scores, count, limit):
     """How many of scores[:count] are >= limit: a vector count, where looking at each score in a branch took 30% of
@@ -145,7 +338,8 @@ def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
 
 @njit(cache=True, nogil=True, inline="always")
 def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes_rest, step, code_error,
-                half_sq_lead, half_sq_rest, lead, order, start, radius, centroids_axes, centroid_sq, weight, scores):
+                half_sq_lead, half_sq_rest, lead, order, start, radius, centroids_axes, centroid_sq, weight, scores,
+                packed, found):
     """Cell j's keys in the shell |k - c_j| in |q - c_j| +- d (d: the best distance so far; one run of positions,
     sorted by |k - c_j|), scored from their codes into `scores` (room for the largest cell): (best row, its squared
     distance). q: the query, q_axes: the same in the codes' axes (float64); to_cell: |q - c_j|^2 (float64)."""
@@ -178,36 +372,33 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes
     end = first + np.searchsorted(radius[first:last], centre + reach, "right")
     if end <= begin:
         return best, best_d2
-    _shell_scores(codes, half_sq_lead, begin, end, weight, lead, scores)
     # |q - k|^2 = |q - c_j|^2 - 2 score, and over the leading dimensions alone, |q - k|^2 >= lead_sq - 2 score_lead:
     # only a key whose leading score is within the error of beating the best is scored over the rest, and only
     # one whose whole score is within it is compared in float64, from its float32 key
     rounding = 4.0 * (dim + 2) * 2.0**-24 * (terms + (centre + reach) ** 2) + moved * (2.0 * centre + reach + moved)
+    # the keys that pass the first limit, then those, in order, each against the limits as they are then (which
+    # only rise)
+    weights_off, passing = _lead_pass(codes, half_sq_lead, begin, end, weight, lead, scores, packed,
+                                      0.5 * (lead_sq - best_d2) - coded_lead - rounding, found)
+    coded_lead += weights_off
+    coded += weights_off
     limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
     limit = 0.5 * (to_cell - best_d2) - coded - rounding
-    # how many keys pass the first limit (a vector count: none in most shells), then those, in order, each against
-    # the limits as they are then (which only rise), stopping after the last. The count compares in float32 against
-    # the limit moved down by more than its float32 rounding, so that it counts every key the limit passes
-    first_limit = np.float32(limit_lead - abs(limit_lead) * 2.0**-22)
-    passing = _at_least(scores, end - begin, first_limit)
-    t = 0
-    while passing > 0:
-        if scores[t] >= first_limit:
-            passing -= 1
-            if scores[t] >= limit_lead:
-                at = begin + t
-                score = scores[t] + half_sq_rest[at]
-                rest = codes_rest[at]
-                for d in range(lead, dim):
-                    score += weight[d] * np.float32(rest[d - lead])
-                if score >= limit:
-                    key_row = order[at]
-                    d2 = _squared_distance(keys, key_row, q)
-                    if d2 < best_d2:
-                        best, best_d2 = key_row, d2
-                        limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
-                        limit = 0.5 * (to_cell - best_d2) - coded - rounding
-        t += 1
+    for m in range(passing):
+        t = found[m]
+        if scores[t] >= limit_lead:
+            at = begin + t
+            score = scores[t] + half_sq_rest[at]
+            rest = codes_rest[at]
+            for d in range(lead, dim):
+                score += weight[d] * np.float32(rest[d - lead])
+            if score >= limit:
+                key_row = order[at]
+                d2 = _squared_distance(keys, key_row, q)
+                if d2 < best_d2:
+                    best, best_d2 = key_row, d2
+                    limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
+                    limit = 0.5 * (to_cell - best_d2) - coded - rounding
     return best, best_d2
 
 
@@ -229,11 +420,15 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
     q_norm = np.empty(n)
     best = np.empty(n, np.int64)
     best_d2 = np.empty(n)
-    weight = np.empty(dim, np.float32)
+    weight = np.zeros(dim + 16, np.float32)  # 16 more: the byte products read weights 16 at a time
     largest_cell = 1
     for j in range(cells):
         largest_cell = max(largest_cell, start[j + 1] - start[j])
-    scores = np.empty(largest_cell, np.float32)  # made once: an array returned by each scan cost a reference count
+    # made once: an array returned by each scan cost a reference count (16 past the largest cell: the byte
+    # products write whole blocks of 16)
+    scores = np.empty(largest_cell + 16, np.float32)
+    packed = np.zeros(dim + 16, np.int32)
+    found = np.empty(largest_cell + 16, np.int32)  # the positions in a run whose scores pass the first limit
     rounding = rounding_per_dim * dim
     pair_query = np.empty(16 * n, np.int64)  # the (query, cell) pairs left after each query's first cell
     pair_cell = np.empty(16 * n, np.int64)
@@ -266,7 +461,8 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
         base[i] = row[first] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[first])
         best[i], best_d2[i] = _scan_shell(first, q, query_axes[i], q_norm[i], best[i], best_d2[i], row[first],
                                           keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest,
-                                          lead, order, start, radius, centroids_axes, centroid_sq, weight, scores)
+                                          lead, order, start, radius, centroids_axes, centroid_sq, weight, scores,
+                                          packed, found)
         # room for every cell, made here: grown inside the loop below, the arrays made numba compile that loop
         # into one that took the cells twice as long on hopper-medium
         if pair_query.shape[0] < pairs + cells:
@@ -302,5 +498,5 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
                 best[i], best_d2[i] = _scan_shell(j, qs[i], query_axes[i], q_norm[i], best[i], best_d2[i],
                                                   to_cell[p], keys, codes, codes_rest, step, code_error,
                                                   half_sq_lead, half_sq_rest, lead, order, start, radius,
-                                                  centroids_axes, centroid_sq, weight, scores)
+                                                  centroids_axes, centroid_sq, weight, scores, packed, found)
     return best

@@ -22,9 +22,13 @@ from offlab.algos.prdc import PRDC, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
+from offlab.neighbour_scan import byte_products_available
 from offlab.neighbours import NearestDatasetAction, SearchLayout
 from offlab.threads import same_bits_on_thread_counts, usable_cores
 from offlab.training import update_on
+
+# the cells' scan in float32, and by VNNI byte products where this CPU has them (else that layout cannot run here)
+SCAN_LAYOUTS = [False] + [True] * byte_products_available()
 
 SMALL = (64, 64)
 
@@ -322,7 +326,8 @@ def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several
     assert SplitWork("test-split", square, [1, 2, 3]).result() == [1, 4, 9]
 
 
-def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
+@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
+def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate(byte_products):
     """The cells scanned are those whose half-space bound is below the candidate's distance: from the true
     neighbour, from a random key or from the farthest one (then nearly every cell), near the data and far from
     it, the answer is the float64 brute-force argmin."""
@@ -331,7 +336,7 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     rng = np.random.default_rng(5)
     centres = rng.normal(0, 3, size=(20, 6))
     keys = (centres[rng.integers(0, 20, 4000)] + rng.normal(0, 0.5, size=(4000, 6))).astype(np.float32)
-    cells = VoronoiCells(keys)
+    cells = VoronoiCells(keys, byte_products=byte_products)
     assert len(cells.centroids) == round(np.sqrt(4000))
     # the scan's layout: every key once, cell by cell, as its offset from its own (the nearest) centroid
     assert sorted(cells.order) == list(range(4000))
@@ -350,7 +355,7 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
     # each offset component in one byte: within its cell's code error, at most half a step (1/127 of the cell's
     # largest component), and that bound is attained within rounding somewhere (it is the largest error)
     # (the leading axes' codes a row per axis, the rest a row per key: see the scan)
-    codes = np.concatenate([cells.codes.T, cells.codes_rest], axis=1)
+    codes = np.concatenate([cells.lead_codes().T, cells.codes_rest], axis=1)
     step, error = cells.step[cell_of], cells.code_error[cell_of]
     assert np.abs(codes).max() == 127 and (error <= 0.5 * step * (1 + 1e-9)).all()
     miss = np.abs(offset - codes * step)
@@ -367,7 +372,8 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate():
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
-def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64():
+@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
+def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64(byte_products):
     """Keys in near-copies (2e-5 apart) and queries far from them: the scores the scan ranks keys by (from their
     offsets to the centroid in one-byte codes, summed in float32) misorder many queries' nearest keys, yet every
     answer is the float64 brute-force argmin, from any candidate, because a key whose score comes within the codes'
@@ -377,7 +383,7 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
     rng = np.random.default_rng(7)
     base = rng.normal(0, 1, size=(400, 4))
     keys = np.concatenate([base] + [base + rng.normal(0, 2e-5, size=base.shape) for _ in range(3)]).astype(np.float32)
-    cells = VoronoiCells(keys)
+    cells = VoronoiCells(keys, byte_products=byte_products)
     query = (rng.normal(0, 1, size=(300, 4)) * 40).astype(np.float32)
     dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
@@ -385,7 +391,7 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
     cell_of = np.repeat(np.arange(len(cells.start) - 1), np.diff(cells.start))
     to_centroid = query[:, None, :].astype(np.float64) - cells.centroids[cell_of][None]
     weight = (to_centroid @ cells.axes.T * cells.step[cell_of][None]).astype(np.float32)
-    codes = np.concatenate([cells.codes.T, cells.codes_rest], axis=1)
+    codes = np.concatenate([cells.lead_codes().T, cells.codes_rest], axis=1)
     score = (weight * codes[None]).sum(-1, dtype=np.float32) + cells.half_sq_lead + cells.half_sq_rest
     by_score = cells.order[((to_centroid**2).sum(-1) - 2 * score).argmin(1)]
     assert (by_score != brute).sum() >= 3  # the case is one the scores alone get wrong
@@ -394,7 +400,8 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64()
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])
-def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(offset):
+@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
+def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(offset, byte_products):
     """Keys [state (5), action (2)]: the scan's axes take the two action components first as they are, then the
     states' principal axes; the leading 4 axes are scored for every key of a shell and the rest only for the keys
     they leave in. Queries with dataset states and actions far off (the policy early in training), and keys in
@@ -407,11 +414,11 @@ def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(o
     actions = np.tanh(states[:, :2] + rng.normal(0, 0.3, size=(1500, 2)))
     base = np.concatenate([states, actions], axis=1)
     keys = (np.concatenate([base, base + rng.normal(0, 1e-3, size=base.shape)]) + offset).astype(np.float32)
-    cells = VoronoiCells(keys, action_dim=2)
+    cells = VoronoiCells(keys, action_dim=2, byte_products=byte_products)
     np.testing.assert_array_equal(cells.axes[:2], np.eye(7)[5:])  # the action, as it is
     np.testing.assert_allclose(cells.axes[2:, 5:], 0.0)
     np.testing.assert_allclose(cells.axes @ cells.axes.T, np.eye(7), atol=1e-12)
-    assert cells.lead == 4 and cells.codes.shape == (4, len(keys)) and cells.codes_rest.shape == (len(keys), 3)
+    assert cells.lead == 4 and cells.lead_codes().shape == (4, len(keys)) and cells.codes_rest.shape == (len(keys), 3)
     rows = rng.integers(0, len(keys), 300)
     query = keys[rows].astype(np.float64)
     query[:, 5:] = offset + rng.uniform(-3, 3, size=(300, 2))
@@ -422,7 +429,8 @@ def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(o
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
-def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer():
+@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
+def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(byte_products):
     """3,000 copies of one key fill one cell far beyond 1,024 keys (the scan's score buffer is sized for the largest
     cell); beside them, one key near each query. From the farthest key as candidate, a query nearest that cell's
     centroid scans it first, whole, in one run, and every answer is still the float64 brute-force argmin."""
@@ -433,7 +441,7 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer():
     offset = rng.normal(0, 1e-2, size=(50, 5))
     keys = np.concatenate([np.tile(centre, (3000, 1)), centre + 0.9 * offset, rng.normal(0, 3, size=(1000, 5))]
                           ).astype(np.float32)
-    cells = VoronoiCells(keys)
+    cells = VoronoiCells(keys, byte_products=byte_products)
     full = int(np.argmax(np.diff(cells.start)))
     assert cells.start[full + 1] - cells.start[full] > 1024
     query = (centre + offset).astype(np.float32)
@@ -442,6 +450,59 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer():
     dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     assert (dist.argmin(1) >= 3000).all()  # each query's nearest is one of the keys beside the copies
     np.testing.assert_array_equal(cells.nearest(query, dist.argmax(1)), dist.argmin(1))
+
+
+@pytest.mark.skipif(not byte_products_available(), reason="this CPU has no AVX-512 VNNI")
+def test_voronoi_cells_byte_products_score_as_the_float_scan_within_the_weights_rounding():
+    """The byte layout holds the same codes as the float one (code + 128, four axes a word, padded to whole groups and
+    16 keys); weights quantised to bytes are within half a step of scale (the largest / 127) and the error returned
+    is their exact sum; the scores of a run equal the float64 sum over the bytes, and differ from the float scan's
+    by no more than that error times 127; every index of a passing score is found, in order."""
+    from numba import njit
+
+    from offlab.neighbour_scan import _byte_product_pass, _shell_scores, _weights_in_bytes
+    from offlab.neighbours import VoronoiCells
+
+    in_bytes = njit(lambda weight, dims, packed: _weights_in_bytes(weight, dims, packed))  # an intrinsic: compiled only
+
+    rng = np.random.default_rng(17)
+    keys = rng.normal(0, 1, size=(3000, 7)).astype(np.float32)
+    cells = VoronoiCells(keys, byte_products=True)
+    plain = VoronoiCells(keys, byte_products=False)
+    assert cells.lead == 4 and cells.codes.dtype == np.uint8 and cells.codes.shape == (1, 3016, 4)
+    np.testing.assert_array_equal(cells.lead_codes(), plain.codes)
+    assert (cells.codes[:, 3000:] == 128).all()
+    for dims in (4, 7, 23):
+        weight = np.zeros(dims + 16, np.float32)
+        weight[:dims] = rng.normal(0, 3, dims)
+        weight[dims:] = 99.0  # past dims: ignored
+        packed = np.zeros(dims + 16, np.int32)
+        scale, error, total = in_bytes(weight, dims, packed)
+        small = packed.view(np.int8)[:dims].astype(np.float64)
+        assert scale == np.float32(np.abs(weight[:dims]).max() / np.float32(127))
+        assert np.abs(small).max() == 127 and (packed.view(np.int8)[dims:] == 0).all()
+        miss = np.abs(weight[:dims].astype(np.float64) - np.float64(scale) * small)
+        assert (miss <= 0.5 * scale * (1 + 1e-6)).all()
+        assert error == pytest.approx(miss.sum(), rel=1e-12) and total == small.sum()
+    weight = np.zeros(7 + 16, np.float32)
+    weight[:7] = rng.normal(0, 0.05, 7)
+    begin, end = int(cells.start[3]), int(cells.start[9])
+    out, expect = np.zeros(end - begin + 16, np.float32), np.zeros(end - begin, np.float32)
+    _shell_scores(plain.codes, plain.half_sq_lead, begin, end, weight, 4, expect)
+    limit = float(np.quantile(expect, 0.9))
+    found = np.zeros(end - begin + 16, np.int32)
+    packed = np.zeros(7 + 16, np.int32)
+    weights_off, passing = _byte_product_pass(cells.codes, cells.half_sq_padded, begin, end, weight, 4, out, packed,
+                                              limit, found)
+    scale, error, _ = in_bytes(weight, 4, packed)
+    assert weights_off == pytest.approx(127 * error, rel=1e-12)
+    small = packed.view(np.int8)[:4].astype(np.float64)
+    exact = np.float64(scale) * (plain.codes[:, begin:end].T.astype(np.float64) @ small) + plain.half_sq_lead[begin:end]
+    np.testing.assert_allclose(out[:end - begin], exact, rtol=1e-6, atol=1e-6)
+    assert (np.abs(out[:end - begin] - expect) <= weights_off + 1e-5).all()
+    lowered = np.float32(limit - weights_off - abs(limit - weights_off) * 2.0**-22)
+    np.testing.assert_array_equal(found[:passing], np.flatnonzero(out[:end - begin] >= lowered))
+    assert 0 < passing < end - begin
 
 
 def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time():
