@@ -205,7 +205,8 @@ def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale
                 builder.module, ir.FunctionType(ir.VoidType(), [_WORDS, ir.IntType(32).as_pointer(),
                                                                 ir.VectorType(ir.IntType(1), 16)]),
                 "llvm.masked.compressstore.v16i32")
-            builder.call(compress, [indices, builder.gep(found_a.data, [so_far]), over])
+            with builder.if_then(builder.icmp_unsigned("!=", bits, ir.Constant(i64, 0)), likely=False):  # rare
+                builder.call(compress, [indices, builder.gep(found_a.data, [so_far]), over])
             popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
             builder.store(builder.add(so_far, builder.call(popcount, [bits])), passing)
         return builder.load(passing)
