@@ -834,6 +834,11 @@ class NearestDatasetAction:
     """The slower of the tree and the cells is timed again after OPEN_RETRY open searches times how many times
     slower it was (at most OPEN_RETRY_MAX): the retiming costs about 1 / OPEN_RETRY of the search time, however
     slow the other is (the tree took 3-6 times the cells' time on walker2d-medium)."""
+    OPEN_TRIAL_QUERIES = 16
+    """How many of a batch's open queries time the other search (the rest go to the faster): its cost per query
+    does not depend on how many it takes. Timed on whole batches, the tree's trials (about 1 s each, 200 times the
+    cells' time on halfcheetah-medium's far queries, every OPEN_RETRY_MAX searches) took 10% of PRDC's time over
+    its first 6,000 updates there (session 37)."""
 
     def _open_search(self, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """The exact neighbours of queries the state neighbours left open, from the KD-tree or the Voronoi cells
@@ -842,21 +847,28 @@ class NearestDatasetAction:
         exact neighbour (the same one, up to float64 ties), so the choice changes the speed, never the numbers."""
         self._since_retime += 1
         cost = self.open_cost
+        faster = None  # the other search, when this one is a trial of the slower (or untried) one
         if len(cost) < 2:
             method = "cells" if "cells" not in cost else "tree"
+            faster = next(iter(cost), None)
         else:
             method, other = sorted(cost, key=cost.get)
             since = self._since_retime
             if since >= self.OPEN_RETRY_MAX or since * cost[method] >= self.OPEN_RETRY * cost[other]:
-                method, self._since_retime = other, 0
+                faster, method, self._since_retime = method, other, 0
+        trial = len(query) if faster is None else min(len(query), self.OPEN_TRIAL_QUERIES)
         start = time.perf_counter()
-        if method == "cells":  # on this thread: with several, each has a share of the batch (_host_index)
-            out = self.cells.nearest(query, candidate)
-        else:
-            out = self._tree_index(query)
-        per_query = (time.perf_counter() - start) / len(query)
+        out = self._open_by(method, query[:trial], candidate[:trial])
+        per_query = (time.perf_counter() - start) / trial
         cost[method] = per_query if method not in cost else 0.8 * cost[method] + 0.2 * per_query
+        if trial < len(query):
+            out = np.concatenate([out, self._open_by(faster, query[trial:], candidate[trial:])])
         return out
+
+    def _open_by(self, method: str, query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """The exact neighbours of open queries by the cells (on this thread: with several, each has a share of the
+        batch, `_host_index`) or the tree."""
+        return self.cells.nearest(query, candidate) if method == "cells" else self._tree_index(query)
 
     def _in_shares(self, search, query: np.ndarray, threads: int) -> np.ndarray:
         """`search(query)`; with `threads` > 1 and at least SHARE_TREE_ROWS queries, split into up to `threads`

@@ -547,7 +547,8 @@ def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_t
 
 def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_retimed(monkeypatch):
     """Each open search is timed; once both are, the cheaper per query answers, and the other is timed again after
-    OPEN_RETRY searches times how much slower it was (at most OPEN_RETRY_MAX). The neighbours never depend on it."""
+    OPEN_RETRY searches times how much slower it was (at most OPEN_RETRY_MAX), on the batch's first
+    OPEN_TRIAL_QUERIES open queries only, the faster taking the rest. The neighbours never depend on it."""
     import types
 
     from offlab import neighbours
@@ -559,8 +560,9 @@ def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_reti
     index = learner.nearest_dataset_action
     used = []
     tree_index, cells = index._tree_index, index.cells.nearest
-    index._tree_index = lambda *a: used.append("tree") or tree_index(*a)
-    index.cells.nearest = lambda *a: used.append("cells") or cells(*a)
+    sizes = []
+    index._tree_index = lambda *a: used.append("tree") or sizes.append(len(a[0])) or tree_index(*a)
+    index.cells.nearest = lambda *a: used.append("cells") or sizes.append(len(a[0])) or cells(*a)
     s, a, rows = torch.zeros(1, 1), torch.tensor([[5.0]]), torch.tensor([0])  # open: the tree or the cells find (3, 5)
     answers = [index.nearest_index(s, a, rows).item() for _ in range(2)]
     assert used == ["cells", "tree"] and set(index.open_cost) == {"cells", "tree"}
@@ -575,6 +577,15 @@ def test_the_faster_of_tree_and_cells_settles_open_queries_and_the_other_is_reti
     answers += [index.nearest_index(s, a, rows).item() for _ in range(5)]
     assert used == ["cells"] * 4 + ["tree"]  # 1000 times as slow: after OPEN_RETRY_MAX searches
     assert answers == [3] * 11
+    # a batch of 5 open queries when the tree is retimed: it takes the first 2, the cells the other 3
+    index.open_cost, index._since_retime = {"cells": 1e-3, "tree": 1.0}, 0
+    index.OPEN_TRIAL_QUERIES = 2
+    used.clear()
+    sizes.clear()
+    batch = [index.nearest_index(s.repeat(5, 1), a.repeat(5, 1), rows.repeat(5)).tolist() for _ in range(5)]
+    assert used == ["cells"] * 4 + ["tree", "cells"] and sizes == [5] * 4 + [2, 3]
+    assert batch == [[3] * 5] * 5
+    assert index.open_cost["tree"] == pytest.approx(0.8 * 1.0 + 0.2 * 1e-3 / 2)  # 1 ms of the clock for 2 queries
 
 
 def test_state_neighbours_are_kept_on_disk_and_read_back_bit_for_bit(hopper_random):
