@@ -136,6 +136,9 @@ def byte_products_available() -> bool:
     OFFLAB_BYTE_PRODUCTS=0 turns them off."""
     if os.environ.get("OFFLAB_BYTE_PRODUCTS", "1") == "0" or numba.config.CPU_NAME not in (None, "host"):
         return False
+    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES: what numba compiles for, whatever this CPU has
+        named = numba.config.CPU_FEATURES.split(",")
+        return "+avx512vnni" in named and "+avx512bw" in named
     from llvmlite import binding
 
     features = binding.get_host_cpu_features()

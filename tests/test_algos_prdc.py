@@ -452,6 +452,23 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(byte_products):
     np.testing.assert_array_equal(cells.nearest(query, dist.argmax(1)), dist.argmin(1))
 
 
+def test_byte_products_only_where_numba_compiles_for_a_cpu_with_them(monkeypatch):
+    """Off with OFFLAB_BYTE_PRODUCTS=0, for a CPU numba is told to compile for by name (NUMBA_CPU_NAME: the
+    instructions may not be there), and with NUMBA_CPU_FEATURES unless it names both avx512vnni and avx512bw."""
+    import numba
+
+    monkeypatch.setenv("OFFLAB_BYTE_PRODUCTS", "0")
+    assert not byte_products_available()
+    monkeypatch.delenv("OFFLAB_BYTE_PRODUCTS")
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    assert not byte_products_available()
+    monkeypatch.setattr(numba.config, "CPU_NAME", None)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512bw")
+    assert not byte_products_available()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512bw,+avx512vnni")
+    assert byte_products_available()
+
+
 @pytest.mark.skipif(not byte_products_available(), reason="this CPU has no AVX-512 VNNI")
 def test_voronoi_cells_byte_products_score_as_the_float_scan_within_the_weights_rounding():
     """The byte layout holds the same codes as the float one (code + 128, four axes a word, padded to whole groups and

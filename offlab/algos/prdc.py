@@ -52,8 +52,11 @@ the learner. Differs from the reference code:
   the lists' stage is: together 30% less time per batch than as numpy calls, session 34; the keys' offsets read as
   one-byte codes, cell by cell over the batch: halfcheetah-medium's far batches in less than half the time,
   session 35; scored over the action's and the state's leading axes first, the rest only for the few keys those
-  leave in: a quarter less again, session 36). Whichever of the two took less time per query lately takes the
-  open queries; the answer is the same either way. The cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
+  leave in: a quarter less again, session 36; by AVX-512 VNNI byte dot products where the CPU has them, in
+  about 0.3 sqrt(N) cells rather than sqrt(N): half the time again on halfcheetah-medium, a fifth on
+  hopper-medium, session 37). Whichever of the two took less time per query lately takes the open queries (the
+  slower is timed again now and then, on 16 of a batch's open queries); the answer is the same either way. The
+  cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
   on disk) and a copy of the keys stored cell by cell, a byte per component. Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
   about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which
@@ -393,7 +396,7 @@ class PRDC:
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
                 f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average: the "
                 f"policy is still far from the data, so each search scans many keys. On halfcheetah-medium that "
-                f"lasts about 20,000 updates, at 2-3 times TD3+BC's time per update, and about 1.3 times after; "
+                f"lasts about 20,000 updates, at 1.5-2 times TD3+BC's time per update, and about 1.3 times after; "
                 f"--set nn_search=ivf (approximate) was no faster there on 2 cores (benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
