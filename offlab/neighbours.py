@@ -368,12 +368,13 @@ class VoronoiCells:
     cells that can hold a nearer one: where the policy is far from the data, several times faster than the KD-tree
     on 1M keys.
 
-    Every key is in the cell of its nearest centroid (`kmeans_partition`, `cell_count`: about 0.3 sqrt(N) cells). Two
-    bounds on the
-    distance from a query q to a key k of cell j (centroid c_j), both to beat the best distance d found so far:
+    Every key is in the cell of its nearest centroid (`kmeans_partition`; `cell_count`: about 0.3 sqrt(N) cells).
+    Two bounds on the distance from a query q to a key k of cell j (centroid c_j), both to beat the best distance d
+    found so far:
     - the half-space bound (|q - c_j|^2 - |q - c_1|^2) / (2 |c_j - c_1|), c_1 the centroid nearest q: which cells
-      to scan (5-9 per query on hopper-medium and walker2d-medium, the candidate being tight: it comes from the
-      state neighbours, for the queries they found but could not certify). Each query's nearest cell is scanned
+      to scan (5-9 of sqrt(N) per query on hopper-medium and walker2d-medium, the candidate being tight: it comes
+      from the state neighbours, for the queries they found but could not certify; 39 of 300 for halfcheetah-medium's
+      far queries). Each query's nearest cell is scanned
       first; then the others cell by cell over the batch (a cell's codes stay in cache for the queries after the
       first), each tested again against the query's best distance so far, which only shrinks;
     - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
@@ -835,8 +836,9 @@ class NearestDatasetAction:
     slower it was (at most OPEN_RETRY_MAX): the retiming costs about 1 / OPEN_RETRY of the search time, however
     slow the other is (the tree took 3-6 times the cells' time on walker2d-medium)."""
     OPEN_TRIAL_QUERIES = 16
-    """How many of a batch's open queries time the other search (the rest go to the faster): its cost per query
-    does not depend on how many it takes. Timed on whole batches, the tree's trials (about 1 s each, 200 times the
+    """How many of a batch's open queries time the other search (the rest go to the faster): the tree's cost per
+    query does not depend on how many it takes (the cells' falls a little with more, as queries share cells, so a
+    trial of 16 errs against them, by less than the 3-200 times between the two measured). Timed on whole batches, the tree's trials (about 1 s each, 200 times the
     cells' time on halfcheetah-medium's far queries, every OPEN_RETRY_MAX searches) took 10% of PRDC's time over
     its first 6,000 updates there (session 37)."""
 
