@@ -145,7 +145,6 @@ def byte_products_available() -> bool:
     return bool(features.get("avx512vnni") and features.get("avx512bw"))
 
 
-_BYTES = ir.VectorType(ir.IntType(8), 64)
 _WORDS = ir.VectorType(ir.IntType(32), 16)
 _FLOATS = ir.VectorType(ir.FloatType(), 16)
 
@@ -172,7 +171,9 @@ def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale
         packed_a = context.make_array(signature.args[5])(context, builder, packed_v)
         half_a = context.make_array(signature.args[8])(context, builder, half_v)
         i64 = ir.IntType(64)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_WORDS, [_WORDS, _BYTES, _BYTES]),
+        # declared with three <16 x i32> operands, the form LLVM 14-20 take (numba >= 0.59); LLVM 21+ take the bytes
+        # as <64 x i8> but upgrade this form (checked: LLVM 14 and 22)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_WORDS, [_WORDS, _WORDS, _WORDS]),
                                              "llvm.x86.avx512.vpdpbusd.512")
         stride = builder.mul(cgutils.unpack_tuple(builder, codes_a.shape)[1], ir.Constant(i64, 4))
         lanes = ir.Constant(ir.VectorType(i64, 16), [ir.Constant(i64, k) for k in range(16)])
@@ -189,9 +190,9 @@ def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale
             builder.store(ir.Constant(_WORDS, None), total)
             with cgutils.for_range(builder, groups_v) as loop:
                 at = builder.add(builder.mul(position, ir.Constant(i64, 4)), builder.mul(loop.index, stride))
-                block = builder.load(builder.bitcast(builder.gep(codes_a.data, [at]), _BYTES.as_pointer()), align=1)
+                block = builder.load(builder.bitcast(builder.gep(codes_a.data, [at]), _WORDS.as_pointer()), align=1)
                 word = builder.load(builder.gep(packed_a.data, [loop.index]))
-                weights = builder.bitcast(_splat(builder, word, _WORDS), _BYTES)
+                weights = _splat(builder, word, _WORDS)  # the word's four signed bytes, in every lane
                 builder.store(builder.call(dot, [builder.load(total), block, weights]), total)
             exact = builder.sub(builder.load(total), offsets)
             half = builder.load(builder.bitcast(builder.gep(half_a.data, [position]), _FLOATS.as_pointer()), align=4)
