@@ -175,6 +175,12 @@ def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale
         # as <64 x i8> but upgrade this form (checked: LLVM 14 and 22)
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_WORDS, [_WORDS, _WORDS, _WORDS]),
                                              "llvm.x86.avx512.vpdpbusd.512")
+        # the indices of the passing lanes, packed in order after those found so far (vpcompressd)
+        compress = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_WORDS, ir.IntType(32).as_pointer(),
+                                                            ir.VectorType(ir.IntType(1), 16)]),
+            "llvm.masked.compressstore.v16i32")
+        popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
         stride = builder.mul(cgutils.unpack_tuple(builder, codes_a.shape)[1], ir.Constant(i64, 4))
         lanes = ir.Constant(ir.VectorType(i64, 16), [ir.Constant(i64, k) for k in range(16)])
         scales = _splat(builder, scale_v, _FLOATS)
@@ -198,20 +204,12 @@ def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale
             half = builder.load(builder.bitcast(builder.gep(half_a.data, [position]), _FLOATS.as_pointer()), align=4)
             score = builder.fadd(builder.fmul(builder.sitofp(exact, _FLOATS), scales), half)
             builder.store(score, builder.bitcast(builder.gep(out_a.data, [first]), _FLOATS.as_pointer()), align=4)
-            inside = builder.icmp_signed("<", builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes),
-                                         counts)
-            over = builder.and_(builder.fcmp_ordered(">=", score, limits), inside)
+            indices = builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes)  # in the run
+            over = builder.and_(builder.fcmp_ordered(">=", score, limits), builder.icmp_signed("<", indices, counts))
             bits = builder.zext(builder.bitcast(over, ir.IntType(16)), i64)
-            # the indices of the passing lanes, packed in order after those found so far (vpcompressd)
-            indices = builder.trunc(builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes), _WORDS)
             so_far = builder.load(passing)
-            compress = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [_WORDS, ir.IntType(32).as_pointer(),
-                                                                ir.VectorType(ir.IntType(1), 16)]),
-                "llvm.masked.compressstore.v16i32")
             with builder.if_then(builder.icmp_unsigned("!=", bits, ir.Constant(i64, 0)), likely=False):  # rare
-                builder.call(compress, [indices, builder.gep(found_a.data, [so_far]), over])
-            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+                builder.call(compress, [builder.trunc(indices, _WORDS), builder.gep(found_a.data, [so_far]), over])
             builder.store(builder.add(so_far, builder.call(popcount, [bits])), passing)
         return builder.load(passing)
 
@@ -279,6 +277,13 @@ def _weights_in_bytes(typingctx, weight, dims, packed):
     return sig, codegen
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _float32_below(limit):
+    """The float64 `limit` in float32, moved down by more than that rounding: a float32 score that passes `limit`
+    passes this."""
+    return np.float32(limit - abs(limit) * 2.0**-22)
+
+
 @njit(cache=True, nogil=True)
 def _byte_product_pass(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
     """`_lead_pass` by VNNI byte products: the weights in one signed byte each (w_d ~ scale w8_d, scale 1/127 of
@@ -287,8 +292,7 @@ def _byte_product_pass(codes, half_sq, begin, end, weight, dims, out, packed, li
     off by at most 127 sum_d |w_d - scale w8_d| more than the float32 scan's (a code is at most 127 in size)."""
     scale, error, total = _weights_in_bytes(weight, dims, packed)
     weights_off = 127.0 * error
-    first = limit - weights_off
-    first_limit = np.float32(first - abs(first) * 2.0**-22)
+    first_limit = _float32_below(limit - weights_off)
     passing = _byte_product_run(out, codes, begin, end - begin, codes.shape[0], packed, scale, np.int32(128 * total),
                                 half_sq, first_limit, found)
     return weights_off, passing
@@ -310,7 +314,7 @@ def _lead_pass_for(codes, half_sq, begin, end, weight, dims, out, packed, limit,
 
     def in_float32(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
         _shell_scores(codes, half_sq, begin, end, weight, dims, out)
-        first_limit = np.float32(limit - abs(limit) * 2.0**-22)
+        first_limit = _float32_below(limit)
         passing = _at_least(out, end - begin, first_limit)  # a vector count: none in most shells
         seen = 0
         t = 0

@@ -732,11 +732,11 @@ class NearestDatasetAction:
             if search == "kdtree" and state_neighbours > 0 and len(keys) > 1 and \
                     not StateNeighbours.on_disk(states, state_neighbours):
                 StateNeighbours(states, state_neighbours)
-            if search == "ivf" and not kmeans_on_disk(host_keys):
-                kmeans_partition(host_keys)
-            cells = VoronoiCells.cell_count(len(host_keys))
-            if search == "kdtree" and len(keys) > 1 and not kmeans_on_disk(host_keys, cells):
-                kmeans_partition(host_keys, cells)
+            if search == "ivf" or (search == "kdtree" and len(keys) > 1):
+                # the inverted file's sqrt(N) cells, or the Voronoi cells' fewer
+                cells = None if search == "ivf" else VoronoiCells.cell_count(len(host_keys))
+                if not kmeans_on_disk(host_keys, cells):
+                    kmeans_partition(host_keys, cells)
             settings = {"beta": beta, "search": search, "ivf_probe": ivf_probe, "state_neighbours": state_neighbours}
             self.process = SearchProcess(states, actions.cpu().numpy(), settings)
             # the caller's share of each batch (`_balance`), searched in an index of its own built from the same
