@@ -44,11 +44,11 @@ if not os.environ.get("NUMBA_CACHE_DIR") and not _writable(Path(__file__).parent
 
 
 @njit(cache=True, nogil=True)
-def _squared_distance(keys, row, query):
-    """|keys[row] - query|^2 in float64 (query: float64)."""
+def _squared_distance(keys, row, queries, i):
+    """|keys[row] - queries[i]|^2 in float64 (queries: float64)."""
     total = 0.0
-    for d in range(query.shape[0]):
-        diff = np.float64(keys[row, d]) - query[d]
+    for d in range(queries.shape[1]):
+        diff = np.float64(keys[row, d]) - queries[i, d]
         total += diff * diff
     return total
 
@@ -64,14 +64,14 @@ def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_di
     found = np.empty(n, np.int64)
     certain = np.zeros(n, np.bool_)
     gathered = np.empty((listed, dim), np.float32)
-    q = np.empty(dim)
+    q = np.empty((1, dim))
     for i in range(n):
         row = rows[i]
         for d in range(dim):
-            q[d] = query[i, d]
+            q[0, d] = query[i, d]
         own = 0.0  # beta * |s - s_row|: both states are beta * s in the keys
         for d in range(obs_dim):
-            diff = np.float64(keys[row, d]) - q[d]
+            diff = np.float64(keys[row, d]) - q[0, d]
             own += diff * diff
         offset = math.sqrt(own)
         best, best_d2 = -1, np.inf
@@ -84,7 +84,7 @@ def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_di
                 for d in range(dim):
                     gathered[m, d] = keys[key_row, d]
             for m in range(begin, end):
-                d2 = _squared_distance(gathered, m, q)
+                d2 = _squared_distance(gathered, m, q, 0)
                 if d2 < best_d2:
                     best, best_d2 = lists[row, m], d2
             floor = beta * (radius_first[row] if end == first else radius[row]) - offset - slack
@@ -129,152 +129,163 @@ def _shell_scores(codes, half_sq, begin, end, weight, dims, out):
             scores[t] += w * np.float32(row[t])
 
 
-def byte_products_available() -> bool:
-    """Whether the compiled scan can score the leading axes with AVX-512 VNNI's byte dot products (`vpdpbusd`: 64
-    one-byte products a instruction, against 16 float multiply-adds and two conversions of the float scan): on
-    this machine's CPU (numba compiles for it unless NUMBA_CPU_NAME says otherwise), and unless
-    OFFLAB_BYTE_PRODUCTS=0 turns them off."""
-    if os.environ.get("OFFLAB_BYTE_PRODUCTS", "1") == "0" or numba.config.CPU_NAME not in (None, "host"):
-        return False
-    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES: what numba compiles for, whatever this CPU has
-        named = numba.config.CPU_FEATURES.split(",")
-        return "+avx512vnni" in named and "+avx512bw" in named
-    from llvmlite import binding
-
-    features = binding.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512bw"))
-
-
-_WORDS = ir.VectorType(ir.IntType(32), 16)
-_FLOATS = ir.VectorType(ir.FloatType(), 16)
-
-
 def _splat(builder, value, vector_type):
     """`value` in every lane of `vector_type`."""
     one = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), None))
 
 
+def interval_bounds_available() -> bool:
+    """Whether the compiled scan can bound the leading axes by byte table lookups (AVX-512 BW's `vpshufb` on 64
+    bytes): on this machine's CPU (numba compiles for it unless NUMBA_CPU_NAME says otherwise), and unless
+    OFFLAB_INTERVAL_BOUNDS=0 turns them off."""
+    if os.environ.get("OFFLAB_INTERVAL_BOUNDS", "1") == "0" or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES: what numba compiles for, whatever this CPU has
+        return "+avx512bw" in numba.config.CPU_FEATURES.split(",")
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512bw"))
+
+
+MARK_EVERY = 32
+"""Keys between two of a cell's marks (`VoronoiCells.marks`), which bound its shells' runs."""
+INTERVALS = 16
+"""Intervals per leading axis and cell (`interval_bins`): a key's interval on an axis is a 4-bit code."""
+BOUND_LIMIT = 250
+"""The squared distance to beat, in the units the interval tables count in (one byte, saturating at 255)."""
+
+_BYTES = ir.VectorType(ir.IntType(8), 64)
+
+
 @intrinsic
-def _byte_product_run(typingctx, out, codes, begin, count, groups, packed, scale, offset, half_sq, limit, found):
-    """Scores of the `count` keys from position `begin` into out[:count] (16 at a time; up to 15 more written), in
-    float32: scale * (sum_g vpdpbusd(their codes' group g, packed[g]) - offset) + half_sq[position], the codes as
-    code + 128 (unsigned bytes), the packed weights signed bytes four to a word (the sum is exact, in int32).
-    Returns how many of the count are >= limit, found as they are made, their indices in order in found (int32)."""
-    sig = types.int64(out, codes, begin, count, groups, packed, scale, offset, half_sq, limit, found)
+def _interval_bound_run(typingctx, intervals, begin, end, tables, found):
+    """For the keys at positions begin:end: each key's bound sum_d tables[d, code_d] over the leading axes (codes:
+    intervals [keys / 64, axes / 2, 64], block by block of 64 keys, two 4-bit codes a byte, axis 2p in the low
+    half; tables: uint8 [axes, 16]), summed in bytes that saturate at 255, a block at a time by `vpshufb`. The
+    indices (position - begin) of the keys whose bound is at most BOUND_LIMIT go into found (int32), in order;
+    returns how many."""
+    sig = types.int64(intervals, begin, end, tables, found)
 
     def codegen(context, builder, signature, args):
-        out_v, codes_v, begin_v, count_v, groups_v, packed_v, scale_v, offset_v, half_v, limit_v, found_v = args
-        found_a = context.make_array(signature.args[10])(context, builder, found_v)
-        out_a = context.make_array(signature.args[0])(context, builder, out_v)
-        codes_a = context.make_array(signature.args[1])(context, builder, codes_v)
-        packed_a = context.make_array(signature.args[5])(context, builder, packed_v)
-        half_a = context.make_array(signature.args[8])(context, builder, half_v)
-        i64 = ir.IntType(64)
-        # declared with three <16 x i32> operands, the form LLVM 14-20 take (numba >= 0.59); LLVM 21+ take the bytes
-        # as <64 x i8> but upgrade this form (checked: LLVM 14 and 22)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_WORDS, [_WORDS, _WORDS, _WORDS]),
-                                             "llvm.x86.avx512.vpdpbusd.512")
-        # the indices of the passing lanes, packed in order after those found so far (vpcompressd)
-        compress = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_WORDS, ir.IntType(32).as_pointer(),
-                                                            ir.VectorType(ir.IntType(1), 16)]),
-            "llvm.masked.compressstore.v16i32")
-        popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
-        stride = builder.mul(cgutils.unpack_tuple(builder, codes_a.shape)[1], ir.Constant(i64, 4))
-        lanes = ir.Constant(ir.VectorType(i64, 16), [ir.Constant(i64, k) for k in range(16)])
-        scales = _splat(builder, scale_v, _FLOATS)
-        offsets = _splat(builder, offset_v, _WORDS)
-        limits = _splat(builder, limit_v, _FLOATS)
-        counts = _splat(builder, count_v, ir.VectorType(i64, 16))
-        blocks = builder.sdiv(builder.add(count_v, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        intervals_v, begin_v, end_v, tables_v, found_v = args
+        intervals_a = context.make_array(signature.args[0])(context, builder, intervals_v)
+        tables_a = context.make_array(signature.args[3])(context, builder, tables_v)
+        found_a = context.make_array(signature.args[4])(context, builder, found_v)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        module = builder.module
+        shuffle = cgutils.get_or_insert_function(module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]),
+                                                 "llvm.x86.avx512.pshuf.b.512")
+        add_saturating = cgutils.get_or_insert_function(module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]),
+                                                        "llvm.uadd.sat.v64i8")
+        trailing = cgutils.get_or_insert_function(module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+        popcount = cgutils.get_or_insert_function(module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        pairs = cgutils.unpack_tuple(builder, intervals_a.shape)[1]
+        block_bytes = builder.mul(pairs, ir.Constant(i64, 64))
+        sixteen = ir.VectorType(ir.IntType(8), INTERVALS)
+        repeat = ir.Constant(ir.VectorType(i32, 64), [ir.Constant(i32, k % INTERVALS) for k in range(64)])
+
+        def four_times(at):  # an axis's 16-byte table in each of the four 128-bit lanes `vpshufb` looks up in
+            values = builder.load(builder.bitcast(builder.gep(tables_a.data, [at]), sixteen.as_pointer()), align=1)
+            return builder.shuffle_vector(values, values, repeat)
+
+        def lanes_below(count):  # the 64-bit mask of lanes < count, count in 0..64
+            full = builder.icmp_signed(">=", count, ir.Constant(i64, 64))
+            ones = builder.sub(builder.shl(ir.Constant(i64, 1), builder.select(full, ir.Constant(i64, 0), count)),
+                               ir.Constant(i64, 1))
+            return builder.select(full, ir.Constant(i64, -1), ones)
+
+        low = ir.Constant(_BYTES, [0x0F] * 64)
+        four = ir.Constant(_BYTES, [4] * 64)
+        limit = ir.Constant(_BYTES, [BOUND_LIMIT] * 64)
+        sixty_four = ir.Constant(i64, 64)
+        first_block = builder.sdiv(begin_v, sixty_four)
+        blocks = builder.sub(builder.sdiv(builder.add(end_v, ir.Constant(i64, 63)), sixty_four), first_block)
         passing = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
-        total = cgutils.alloca_once(builder, _WORDS)
+        total = cgutils.alloca_once(builder, _BYTES)
+        bits_left = cgutils.alloca_once(builder, i64)
         with cgutils.for_range(builder, blocks) as block_loop:
-            first = builder.mul(block_loop.index, ir.Constant(i64, 16))
-            position = builder.add(begin_v, first)
-            builder.store(ir.Constant(_WORDS, None), total)
-            with cgutils.for_range(builder, groups_v) as loop:
-                at = builder.add(builder.mul(position, ir.Constant(i64, 4)), builder.mul(loop.index, stride))
-                block = builder.load(builder.bitcast(builder.gep(codes_a.data, [at]), _WORDS.as_pointer()), align=1)
-                word = builder.load(builder.gep(packed_a.data, [loop.index]))
-                weights = _splat(builder, word, _WORDS)  # the word's four signed bytes, in every lane
-                builder.store(builder.call(dot, [builder.load(total), block, weights]), total)
-            exact = builder.sub(builder.load(total), offsets)
-            half = builder.load(builder.bitcast(builder.gep(half_a.data, [position]), _FLOATS.as_pointer()), align=4)
-            score = builder.fadd(builder.fmul(builder.sitofp(exact, _FLOATS), scales), half)
-            builder.store(score, builder.bitcast(builder.gep(out_a.data, [first]), _FLOATS.as_pointer()), align=4)
-            indices = builder.add(_splat(builder, first, ir.VectorType(i64, 16)), lanes)  # in the run
-            over = builder.and_(builder.fcmp_ordered(">=", score, limits), builder.icmp_signed("<", indices, counts))
-            bits = builder.zext(builder.bitcast(over, ir.IntType(16)), i64)
-            so_far = builder.load(passing)
+            block = builder.add(first_block, block_loop.index)
+            start = builder.mul(block, sixty_four)  # the block's first position
+            base = builder.mul(block, block_bytes)
+            builder.store(ir.Constant(_BYTES, None), total)
+            with cgutils.for_range(builder, pairs) as loop:
+                at = builder.add(base, builder.mul(loop.index, sixty_four))
+                codes = builder.load(builder.bitcast(builder.gep(intervals_a.data, [at]), _BYTES.as_pointer()),
+                                     align=64)
+                table = builder.mul(loop.index, ir.Constant(i64, 2 * INTERVALS))
+                even = four_times(table)
+                odd = four_times(builder.add(table, ir.Constant(i64, INTERVALS)))
+                part = builder.call(add_saturating, [builder.call(shuffle, [even, builder.and_(codes, low)]),
+                                                     builder.call(shuffle, [odd, builder.lshr(codes, four)])])
+                builder.store(builder.call(add_saturating, [builder.load(total), part]), total)
+            inside = builder.icmp_unsigned("<=", builder.load(total), limit)
+            bits = builder.zext(builder.bitcast(inside, ir.IntType(64)), i64)
+            # only the lanes of positions begin:end
+            below_end = lanes_below(builder.sub(end_v, start))
+            before_begin = lanes_below(builder.sub(begin_v, start))  # 0 lanes but in the first block
+            before_begin = builder.select(builder.icmp_signed(">", begin_v, start), before_begin, ir.Constant(i64, 0))
+            bits = builder.and_(bits, builder.and_(below_end, builder.not_(before_begin)))
+            builder.store(bits, bits_left)
             with builder.if_then(builder.icmp_unsigned("!=", bits, ir.Constant(i64, 0)), likely=False):  # rare
-                builder.call(compress, [builder.trunc(indices, _WORDS), builder.gep(found_a.data, [so_far]), over])
-            builder.store(builder.add(so_far, builder.call(popcount, [bits])), passing)
+                offset = builder.sub(start, begin_v)
+                with cgutils.for_range(builder, builder.call(popcount, [bits])):
+                    now = builder.load(bits_left)
+                    lane = builder.call(trailing, [now, ir.Constant(ir.IntType(1), 1)])
+                    so_far = builder.load(passing)
+                    builder.store(builder.trunc(builder.add(offset, lane), i32), builder.gep(found_a.data, [so_far]))
+                    builder.store(builder.add(so_far, ir.Constant(i64, 1)), passing)
+                    builder.store(builder.and_(now, builder.sub(now, ir.Constant(i64, 1))), bits_left)
         return builder.load(passing)
 
     return sig, codegen
 
 
-@intrinsic
-def _weights_in_bytes(typingctx, weight, dims, packed):
-    """Each of weight[:dims] (float32, with room for 16 past a multiple of 16) as one signed byte, w_d ~ scale w8_d
-    with scale the largest |w_d| / 127 (1 if all are 0), into packed's bytes (four to a word, the bytes past dims
-    0). Returns (scale, sum_d |w_d - scale w8_d| in float64, sum_d w8_d): in vector instructions, 16 weights at a
-    time (as numba's scalar code, 160 ns a shell, half the time the products took on halfcheetah-medium)."""
-    sig = types.Tuple((types.float32, types.float64, types.int64))(weight, dims, packed)
-
-    def codegen(context, builder, signature, args):
-        weight_v, dims_v, packed_v = args
-        weight_a = context.make_array(signature.args[0])(context, builder, weight_v)
-        packed_a = context.make_array(signature.args[2])(context, builder, packed_v)
-        i64, f32, f64 = ir.IntType(64), ir.FloatType(), ir.DoubleType()
-        longs, doubles = ir.VectorType(i64, 16), ir.VectorType(f64, 16)
-        lanes = ir.Constant(longs, [ir.Constant(i64, k) for k in range(16)])
-        dims_lanes = _splat(builder, dims_v, longs)
-        chunks = builder.sdiv(builder.add(dims_v, ir.Constant(i64, 15)), ir.Constant(i64, 16))
-        module = builder.module
-
-        def vector_call(name, result, *values):
-            function = cgutils.get_or_insert_function(module, ir.FunctionType(result, [v.type for v in values]), name)
-            return builder.call(function, list(values))
-
-        def chunk_of(index):  # weight[16 index:16 index + 16], the lanes past dims 0
-            at = builder.mul(index, ir.Constant(i64, 16))
-            values = builder.load(builder.bitcast(builder.gep(weight_a.data, [at]), _FLOATS.as_pointer()), align=4)
-            inside = builder.icmp_signed("<", builder.add(_splat(builder, at, longs), lanes), dims_lanes)
-            return at, builder.select(inside, values, ir.Constant(_FLOATS, None))
-
-        largest = cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None))
-        with cgutils.for_range(builder, chunks) as loop:
-            _, values = chunk_of(loop.index)
-            size = vector_call("llvm.fabs.v16f32", _FLOATS, values)
-            builder.store(vector_call("llvm.maxnum.v16f32", _FLOATS, builder.load(largest), size), largest)
-        top = vector_call("llvm.vector.reduce.fmax.v16f32", f32, builder.load(largest))
-        zero = builder.fcmp_ordered("==", top, ir.Constant(f32, 0.0))
-        scale = builder.select(zero, ir.Constant(f32, 1.0), builder.fdiv(top, ir.Constant(f32, 127.0)))
-        inverse = _splat(builder, builder.fdiv(ir.Constant(f32, 1.0), scale), _FLOATS)
-        scale_wide = _splat(builder, builder.fpext(scale, f64), doubles)
-        error = cgutils.alloca_once_value(builder, ir.Constant(doubles, None))
-        total = cgutils.alloca_once_value(builder, ir.Constant(_WORDS, None))
-        with cgutils.for_range(builder, chunks) as loop:
-            at, values = chunk_of(loop.index)
-            whole = vector_call("llvm.rint.v16f32", _FLOATS, builder.fmul(values, inverse))
-            whole = vector_call("llvm.minnum.v16f32", _FLOATS, whole, ir.Constant(_FLOATS, [127.0] * 16))
-            whole = vector_call("llvm.maxnum.v16f32", _FLOATS, whole, ir.Constant(_FLOATS, [-127.0] * 16))
-            # exact in float64: a float32 product of float32 values, then one rounding of the difference
-            miss = builder.fsub(builder.fpext(values, doubles), builder.fmul(builder.fpext(whole, doubles), scale_wide))
-            builder.store(builder.fadd(builder.load(error), vector_call("llvm.fabs.v16f64", doubles, miss)), error)
-            words = builder.fptosi(whole, _WORDS)
-            builder.store(builder.add(builder.load(total), words), total)
-            target = builder.gep(builder.bitcast(packed_a.data, ir.IntType(8).as_pointer()), [at])
-            builder.store(builder.trunc(words, ir.VectorType(ir.IntType(8), 16)),
-                          builder.bitcast(target, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
-        error_sum = vector_call("llvm.vector.reduce.fadd.v16f64", f64, ir.Constant(f64, 0.0), builder.load(error))
-        total_sum = builder.sext(vector_call("llvm.vector.reduce.add.v16i32", ir.IntType(32), builder.load(total)), i64)
-        return context.make_tuple(builder, signature.return_type, [scale, error_sum, total_sum])
-
-    return sig, codegen
+@njit(cache=True, nogil=True)
+def interval_bins(offsets, intervals):
+    """Each column of offsets [n, axes] (float64) cut into `intervals` intervals by one-dimensional k-means (Lloyd's
+    iterations from equal counts): each value's interval (uint8 [n, axes]) and each interval's smallest and largest
+    value ([axes, intervals] each; +inf and -inf where an interval holds none)."""
+    n, axes = offsets.shape
+    codes = np.zeros((n, axes), np.uint8)
+    lowest = np.full((axes, intervals), np.inf)
+    highest = np.full((axes, intervals), -np.inf)
+    if n == 0:
+        return codes, lowest, highest
+    centre = np.empty(intervals)
+    edges = np.empty(intervals - 1)
+    sums = np.empty(intervals)
+    counts = np.empty(intervals)
+    for d in range(axes):
+        values = np.sort(offsets[:, d])
+        for m in range(intervals):
+            a = min(m * n // intervals, n - 1)
+            b = max((m + 1) * n // intervals, a + 1)
+            centre[m] = values[a:b].mean()
+        for _ in range(8):  # as fast a scan as 16 (halfcheetah-medium), in half the build
+            for m in range(intervals - 1):
+                edges[m] = 0.5 * (centre[m] + centre[m + 1])
+            sums[:] = 0.0
+            counts[:] = 0.0
+            m = 0
+            for t in range(n):
+                while m < intervals - 1 and values[t] > edges[m]:
+                    m += 1
+                sums[m] += values[t]
+                counts[m] += 1.0
+            for m in range(intervals):
+                if counts[m] > 0:
+                    centre[m] = sums[m] / counts[m]
+            centre.sort()
+        for m in range(intervals - 1):
+            edges[m] = 0.5 * (centre[m] + centre[m + 1])
+        for t in range(n):
+            value = offsets[t, d]
+            m = np.searchsorted(edges, value)
+            codes[t, d] = m
+            lowest[d, m] = min(lowest[d, m], value)
+            highest[d, m] = max(highest[d, m], value)
+    return codes, lowest, highest
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -284,48 +295,22 @@ def _float32_below(limit):
     return np.float32(limit - abs(limit) * 2.0**-22)
 
 
-@njit(cache=True, nogil=True)
-def _byte_product_pass(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
-    """`_lead_pass` by VNNI byte products: the weights in one signed byte each (w_d ~ scale w8_d, scale 1/127 of
-    the largest |w_d|), the codes' dot products 64 bytes an instruction, 16 keys at a time (codes: uint8 [groups,
-    keys + 16, 4], code + 128, four axes a word; half_sq and out have room for 16 past the last key). The scores are
-    off by at most 127 sum_d |w_d - scale w8_d| more than the float32 scan's (a code is at most 127 in size)."""
-    scale, error, total = _weights_in_bytes(weight, dims, packed)
-    weights_off = 127.0 * error
-    first_limit = _float32_below(limit - weights_off)
-    passing = _byte_product_run(out, codes, begin, end - begin, codes.shape[0], packed, scale, np.int32(128 * total),
-                                half_sq, first_limit, found)
-    return weights_off, passing
-
-
-def _lead_pass(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
-    """The scores of the keys at positions begin:end over the leading axes into out[:end - begin] (as
-    `_shell_scores`), then the indices of those that pass `limit` into found, in order: returns what the scores are off
-    by beyond the float32 scan's and how many were found. The limit is lowered by that error and moved below its
-    float32 rounding, so that a score that passes the float64 limit is found. By VNNI byte products where the codes
-    are laid out for them (uint8, 3-d), else in float32 (off by no more)."""
-
-
-@overload(_lead_pass, jit_options={"nogil": True})
-def _lead_pass_for(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
-    if codes.ndim == 3:
-        return lambda codes, half_sq, begin, end, weight, dims, out, packed, limit, found: _byte_product_pass(
-            codes, half_sq, begin, end, weight, dims, out, packed, limit, found)
-
-    def in_float32(codes, half_sq, begin, end, weight, dims, out, packed, limit, found):
-        _shell_scores(codes, half_sq, begin, end, weight, dims, out)
-        first_limit = _float32_below(limit)
-        passing = _at_least(out, end - begin, first_limit)  # a vector count: none in most shells
-        seen = 0
-        t = 0
-        while seen < passing:
-            if out[t] >= first_limit:
-                found[seen] = t
-                seen += 1
-            t += 1
-        return 0.0, passing
-
-    return in_float32
+@njit(cache=True, nogil=True, inline="always")
+def _lead_pass(codes, half_sq, begin, end, weight, dims, out, limit, found):
+    """The scores of the keys at positions begin:end over the leading axes into out[:end - begin] (`_shell_scores`),
+    then the indices of those that pass `limit` (moved below its float32 rounding, so that a score that passes the
+    float64 limit is found) into found, in order: how many."""
+    _shell_scores(codes, half_sq, begin, end, weight, dims, out)
+    first_limit = _float32_below(limit)
+    passing = _at_least(out, end - begin, first_limit)  # a vector count: none in most shells
+    seen = 0
+    t = 0
+    while seen < passing:
+        if out[t] >= first_limit:
+            found[seen] = t
+            seen += 1
+        t += 1
+    return passing
 
 
 @njit(cache=True, nogil=True)
@@ -345,14 +330,152 @@ def _cell_may_hold_nearer(to_cell, centroid_sq, base, gap, bound, rounding):
     return to_cell - rounding * centroid_sq - base <= 2.0 * bound * gap
 
 
+@intrinsic
+def _interval_tables(typingctx, lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables):
+    """tables[d, m] (uint8) = the squared distance from x_d = query_axes[i, d] - centroids_axes[j, d] to the interval
+    [lowest[j, d, m], highest[j, d, m]] (float32, rounded outwards) less slack (the distance, then squared), times
+    units, rounded down and at most 255, for d < dims and the INTERVALS intervals of each: 16 at a time in float32
+    vector instructions, every rounding of float32 taken off (a relative 2^-20 and |x_d| 2^-22; numba's float64
+    loop took about 270 ns a shell, as long as the bound's run on 1,000 keys)."""
+    sig = types.void(lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables)
+
+    def codegen(context, builder, signature, args):
+        lowest_v, highest_v, j_v, q_v, i_v, centroids_v, dims_v, slack_v, units_v, tables_v = args
+        lowest_a = context.make_array(signature.args[0])(context, builder, lowest_v)
+        highest_a = context.make_array(signature.args[1])(context, builder, highest_v)
+        q_a = context.make_array(signature.args[3])(context, builder, q_v)
+        centroids_a = context.make_array(signature.args[5])(context, builder, centroids_v)
+        tables_a = context.make_array(signature.args[9])(context, builder, tables_v)
+        i64, f32, f64 = ir.IntType(64), ir.FloatType(), ir.DoubleType()
+        floats = ir.VectorType(f32, INTERVALS)
+        module = builder.module
+
+        def vector_call(name, *values):
+            function = cgutils.get_or_insert_function(module, ir.FunctionType(floats, [v.type for v in values]), name)
+            return builder.call(function, list(values))
+
+        axes = cgutils.unpack_tuple(builder, lowest_a.shape)[1]
+        cell = builder.mul(builder.mul(j_v, axes), ir.Constant(i64, INTERVALS))
+        centroid = builder.mul(j_v, cgutils.unpack_tuple(builder, centroids_a.shape)[1])
+        query = builder.mul(i_v, cgutils.unpack_tuple(builder, q_a.shape)[1])
+        shrink = _splat(builder, ir.Constant(f32, 1.0 - 2.0**-20), floats)
+        unit = _splat(builder, builder.fptrunc(builder.fmul(units_v, ir.Constant(f64, 1.0 - 2.0**-20)), f32), floats)
+        zero, most = ir.Constant(floats, [0.0] * INTERVALS), ir.Constant(floats, [255.0] * INTERVALS)
+        fabs = cgutils.get_or_insert_function(module, ir.FunctionType(f64, [f64]), "llvm.fabs.f64")
+        with cgutils.for_range(builder, dims_v) as loop:
+            at = builder.add(cell, builder.mul(loop.index, ir.Constant(i64, INTERVALS)))
+            low = builder.load(builder.bitcast(builder.gep(lowest_a.data, [at]), floats.as_pointer()), align=4)
+            high = builder.load(builder.bitcast(builder.gep(highest_a.data, [at]), floats.as_pointer()), align=4)
+            x = builder.fsub(builder.load(builder.gep(q_a.data, [builder.add(query, loop.index)])),
+                             builder.load(builder.gep(centroids_a.data, [builder.add(centroid, loop.index)])))
+            # what float32 may have moved the distance by, beyond the relative 2^-20: x's rounding and slack
+            off = builder.fadd(builder.fmul(slack_v, ir.Constant(f64, 1.0 + 2.0**-20)),
+                               builder.fmul(builder.call(fabs, [x]), ir.Constant(f64, 2.0**-22)))
+            xs = _splat(builder, builder.fptrunc(x, f32), floats)
+            gap = vector_call("llvm.maxnum.v16f32", builder.fsub(low, xs), builder.fsub(xs, high))
+            gap = builder.fsub(builder.fmul(gap, shrink), _splat(builder, builder.fptrunc(off, f32), floats))
+            gap = vector_call("llvm.maxnum.v16f32", gap, zero)
+            value = vector_call("llvm.minnum.v16f32", builder.fmul(builder.fmul(builder.fmul(gap, gap), unit), shrink),
+                                most)
+            target = builder.gep(tables_a.data, [builder.mul(loop.index, ir.Constant(i64, INTERVALS))])
+            builder.store(builder.fptoui(value, ir.VectorType(ir.IntType(8), INTERVALS)),
+                          builder.bitcast(target, ir.VectorType(ir.IntType(8), INTERVALS).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _interval_pass(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
+    """The keys at positions begin:end whose interval bound over the leading axes does not rule them out against
+    best_d2, into found (indices in the run, in order): how many, or -1 where the keys have no interval codes (their
+    intervals None). data, buffers: as `_scan_shell`'s."""
+
+
+@overload(_interval_pass, jit_options={"nogil": True})
+def _interval_pass_for(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
+    if isinstance(data.types[13], types.NoneType):
+        return lambda data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end: -1
+
+    def bounded(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
+        if best_d2 <= 0.0:  # an exact match: no key is nearer
+            return 0
+        centroids_axes, intervals, lowest, highest = data[11], data[13], data[14], data[15]
+        found, tables = buffers[2], buffers[3]
+        # tables[d, m]: the squared distance from q to interval m of axis d (less the axes' rounding, slack), in
+        # units of best_d2 (1 + 1e-9) / BOUND_LIMIT, rounded down: a key whose sum of them passes BOUND_LIMIT is
+        # farther than the best
+        units = BOUND_LIMIT / (best_d2 * (1.0 + 1e-9)) * (1.0 - 1e-12)
+        _interval_tables(lowest, highest, j, query_axes, i, centroids_axes, lead, slack, units, tables)
+        return _interval_bound_run(intervals, begin, end, tables, found)
+
+    return bounded
+
+
+@intrinsic
+def _prefetch(typingctx, array, row):
+    """Ask for array[row]'s first cache line (2-d, C-contiguous) ahead of its use."""
+    sig = types.void(array, row)
+
+    def codegen(context, builder, signature, args):
+        array_a = context.make_array(signature.args[0])(context, builder, args[0])
+        at = builder.mul(args[1], cgutils.unpack_tuple(builder, array_a.strides)[0])
+        pointer = builder.gep(builder.bitcast(array_a.data, ir.IntType(8).as_pointer()), [at])
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        builder.call(prefetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes_rest, step, code_error,
-                half_sq_lead, half_sq_rest, lead, order, start, radius, centroids_axes, centroid_sq, weight, scores,
-                packed, found):
+def _found_scores(codes, half_sq, begin, found, passing, weight, dims, scores):
+    """scores[t] = sum_{d < dims} weight_d code_d + half_sq for the keys found (at positions begin + t), in float32:
+    the leading scores of the few keys the intervals left in (codes: int8, a row per key)."""
+    for m in range(passing):  # the rows' cache misses all under way at once, not one after another
+        _prefetch(codes, begin + found[m])
+    for m in range(passing):
+        t = found[m]
+        row = codes[begin + t]
+        score = half_sq[begin + t]
+        for d in range(dims):
+            score += weight[d] * np.float32(row[d])
+        scores[t] = score
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scan_shell(j, qs, query_axes, i, q_norm, best, best_d2, to_cell, lead, key_norm, data, buffers):
     """Cell j's keys in the shell |k - c_j| in |q - c_j| +- d (d: the best distance so far; one run of positions,
     sorted by |k - c_j|), scored from their codes into `scores` (room for the largest cell): (best row, its squared
-    distance). q: the query, q_axes: the same in the codes' axes (float64); to_cell: |q - c_j|^2 (float64)."""
-    dim = q.shape[0]
+    distance). The query q: qs[i], and in the codes' axes query_axes[i] (float64); to_cell: |q - c_j|^2 (float64).
+    data: the keys and their cells (`cells_nearest`); buffers: (weight, scores, found, tables)."""
+    (keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest, order, start, marks, mark_start,
+     centroids_axes, centroid_sq, _, _, _) = data
+    weight, scores, found, _ = buffers
+    dim = qs.shape[1]
+    # q_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
+    # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), so a squared distance over them, or a score, by
+    # 2 moved (2 |q - c_j| + |r|) at most
+    moved = dim * dim * 2.0**-52 * (q_norm + math.sqrt(centroid_sq[j]))
+    bound = math.sqrt(best_d2)
+    centre = math.sqrt(to_cell)
+    reach = bound + 1e-9 * (centre + bound)
+    # the run from the cell's marks (every MARK_EVERY-th key's |k - c_j|, a few cache lines to bisect, where the
+    # keys' own took a cache miss a step): up to MARK_EVERY keys more at each end
+    first, last = start[j], start[j + 1]
+    marked = marks[mark_start[j]:mark_start[j + 1]]
+    begin = first + max(np.searchsorted(marked, centre - reach, "left") - 1, 0) * MARK_EVERY
+    end = min(first + np.searchsorted(marked, centre + reach, "right") * MARK_EVERY, last)
+    if end <= begin:
+        return best, best_d2
+    # with interval codes, first the keys their bound leaves in (a key's offsets r in the axes are off by at most
+    # dim^2 2^-52 (|k| + |c_j|), as q - c_j by moved)
+    slack = moved + dim * dim * 2.0**-52 * (key_norm + math.sqrt(centroid_sq[j]))
+    passing = _interval_pass(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end)
+    if passing == 0:
+        return best, best_d2
     # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most
     # coded = sum_d |q - c_j|_d code_error_d, plus float32's rounding (2^-24, twice over per term, on terms
     # bounded by terms = sum_d |q - c_j|_d max|r_d| and |r|^2 / 2 with |r| <= centre + reach); the same over the
@@ -362,36 +485,24 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes
     terms = 0.0
     lead_sq = 0.0  # |q - c_j|^2 over the leading dimensions
     for d in range(dim):
-        w = q_axes[d] - centroids_axes[j, d]
+        w = query_axes[i, d] - centroids_axes[j, d]
         weight[d] = np.float32(w * step[j, d])
         coded += abs(w) * code_error[j, d]
         terms += abs(w) * 127.0 * step[j, d]
         if d < lead:
             coded_lead += abs(w) * code_error[j, d]
             lead_sq += w * w
-    # q_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
-    # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), so a squared distance over them, or a score, by
-    # 2 moved (2 |q - c_j| + |r|) at most
-    moved = dim * dim * 2.0**-52 * (q_norm + math.sqrt(centroid_sq[j]))
-    bound = math.sqrt(best_d2)
-    centre = math.sqrt(to_cell)
-    reach = bound + 1e-9 * (centre + bound)
-    first, last = start[j], start[j + 1]
-    begin = first + np.searchsorted(radius[first:last], centre - reach, "left")
-    end = first + np.searchsorted(radius[first:last], centre + reach, "right")
-    if end <= begin:
-        return best, best_d2
     # |q - k|^2 = |q - c_j|^2 - 2 score, and over the leading dimensions alone, |q - k|^2 >= lead_sq - 2 score_lead:
     # only a key whose leading score is within the error of beating the best is scored over the rest, and only
     # one whose whole score is within it is compared in float64, from its float32 key
     rounding = 4.0 * (dim + 2) * 2.0**-24 * (terms + (centre + reach) ** 2) + moved * (2.0 * centre + reach + moved)
     # the keys that pass the first limit, then those, in order, each against the limits as they are then (which
     # only rise)
-    weights_off, passing = _lead_pass(codes, half_sq_lead, begin, end, weight, lead, scores, packed,
-                                      0.5 * (lead_sq - best_d2) - coded_lead - rounding, found)
-    coded_lead += weights_off
-    coded += weights_off
     limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
+    if passing < 0:  # no interval codes: every key of the run scored over the leading axes
+        passing = _lead_pass(codes, half_sq_lead, begin, end, weight, lead, scores, limit_lead, found)
+    else:
+        _found_scores(codes, half_sq_lead, begin, found, passing, weight, lead, scores)
     limit = 0.5 * (to_cell - best_d2) - coded - rounding
     for m in range(passing):
         t = found[m]
@@ -403,7 +514,7 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes
                 score += weight[d] * np.float32(rest[d - lead])
             if score >= limit:
                 key_row = order[at]
-                d2 = _squared_distance(keys, key_row, q)
+                d2 = _squared_distance(keys, key_row, qs, i)
                 if d2 < best_d2:
                     best, best_d2 = key_row, d2
                     limit_lead = 0.5 * (lead_sq - best_d2) - coded_lead - rounding
@@ -413,8 +524,8 @@ def _scan_shell(j, q, q_axes, q_norm, best, best_d2, to_cell, keys, codes, codes
 
 @njit(cache=True, nogil=True)
 def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest, lead,
-                  order, start, radius, centroids_t, axes, centroids_axes, centroid_gap, centroid_sq, key_sq_max,
-                  rounding_per_dim):
+                  order, start, marks, mark_start, centroids_t, axes, centroids_axes, centroid_gap, centroid_sq,
+                  key_sq_max, rounding_per_dim, intervals, lowest, highest):
     """`VoronoiCells.nearest`: the row of each query's nearest key, from a candidate row each. See its doc for the
     bounds and the keys' codes. Each query's nearest cell is scanned first, for a tight bound; then cell by cell,
     every query whose bound (its best distance so far) still admits the cell, so that the queries after the first
@@ -429,15 +540,19 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
     q_norm = np.empty(n)
     best = np.empty(n, np.int64)
     best_d2 = np.empty(n)
-    weight = np.zeros(dim + 16, np.float32)  # 16 more: the byte products read weights 16 at a time
+    weight = np.zeros(dim, np.float32)
     largest_cell = 1
     for j in range(cells):
         largest_cell = max(largest_cell, start[j + 1] - start[j])
-    # made once: an array returned by each scan cost a reference count (16 past the largest cell: the byte
-    # products write whole blocks of 16)
-    scores = np.empty(largest_cell + 16, np.float32)
-    packed = np.zeros(dim + 16, np.int32)
-    found = np.empty(largest_cell + 16, np.int32)  # the positions in a run whose scores pass the first limit
+    # made once: an array returned by each scan cost a reference count
+    scores = np.empty(largest_cell, np.float32)
+    found = np.empty(largest_cell, np.int32)  # the positions in a run that pass the first limit
+    tables = np.zeros((lead, INTERVALS), np.uint8)  # the interval bounds' lookup tables, made per shell
+    key_norm = math.sqrt(key_sq_max)
+    # one argument each: numba would not inline the call with all 33 arguments ("Calling a closure with *args")
+    data = (keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest, order, start, marks, mark_start,
+            centroids_axes, centroid_sq, intervals, lowest, highest)
+    buffers = (weight, scores, found, tables)
     rounding = rounding_per_dim * dim
     pair_query = np.empty(16 * n, np.int64)  # the (query, cell) pairs left after each query's first cell
     pair_cell = np.empty(16 * n, np.int64)
@@ -450,7 +565,7 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
         for d in range(dim):
             q[d] = query[i, d]
         best[i] = candidate[i]
-        best_d2[i] = _squared_distance(keys, best[i], q)
+        best_d2[i] = _squared_distance(keys, best[i], qs, i)
         q_sq = 0.0
         for d in range(dim):
             q_sq += q[d] * q[d]
@@ -468,10 +583,8 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
         first = np.argmin(row)
         # |q - c_1|^2 and the query's part of the error allowed for the keys' float32 cell assignment
         base[i] = row[first] + rounding * (2.0 * q_sq + 2.0 * key_sq_max + 2.0 * centroid_sq[first])
-        best[i], best_d2[i] = _scan_shell(first, q, query_axes[i], q_norm[i], best[i], best_d2[i], row[first],
-                                          keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest,
-                                          lead, order, start, radius, centroids_axes, centroid_sq, weight, scores,
-                                          packed, found)
+        best[i], best_d2[i] = _scan_shell(first, qs, query_axes, i, q_norm[i], best[i], best_d2[i], row[first], lead,
+                                          key_norm, data, buffers)
         # room for every cell, made here: grown inside the loop below, the arrays made numba compile that loop
         # into one that took the cells twice as long on hopper-medium
         if pair_query.shape[0] < pairs + cells:
@@ -504,8 +617,6 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
             i = by_cell[p]
             if _cell_may_hold_nearer(to_cell[p], centroid_sq[j], base[i], cell_gap[p], math.sqrt(best_d2[i]),
                                      rounding):
-                best[i], best_d2[i] = _scan_shell(j, qs[i], query_axes[i], q_norm[i], best[i], best_d2[i],
-                                                  to_cell[p], keys, codes, codes_rest, step, code_error,
-                                                  half_sq_lead, half_sq_rest, lead, order, start, radius,
-                                                  centroids_axes, centroid_sq, weight, scores, packed, found)
+                best[i], best_d2[i] = _scan_shell(j, qs, query_axes, i, q_norm[i], best[i], best_d2[i], to_cell[p],
+                                                  lead, key_norm, data, buffers)
     return best

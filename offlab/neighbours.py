@@ -212,6 +212,14 @@ def _in_principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return mean, rotation, centred @ rotation
 
 
+def _float32_outwards(lowest: np.ndarray, highest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 intervals [lowest, highest] in float32, each end rounded away from the interval's inside."""
+    low, high = lowest.astype(np.float32), highest.astype(np.float32)
+    low = np.where(low > lowest, np.nextafter(low, np.float32(-np.inf)), low)
+    high = np.where(high < highest, np.nextafter(high, np.float32(np.inf)), high)
+    return low, high
+
+
 def _compiled_input(x: np.ndarray, dtype) -> np.ndarray:
     """`x` as the compiled search takes it: C-contiguous, of `dtype`, writable (numba compiles a read-only array,
     such as one read from the search process's socket, as another type: seconds more), copied only if need be."""
@@ -379,24 +387,26 @@ class VoronoiCells:
       first), each tested again against the query's best distance so far, which only shrinks;
     - the triangle inequality | |q - c_j| - |k - c_j| |: within a cell the keys are sorted by their distance to its
       centroid, so the keys to scan are one contiguous run, those in the shell |k - c_j| in |q - c_j| +- d (about
-      half of the cell on walker2d-medium).
+      half of the cell on walker2d-medium), found by bisecting the cell's marks (every MARK_EVERY-th key's
+      distance; up to MARK_EVERY keys more at each end).
     The cells' bound allows for the keys' cell assignment having been made in float32.
 
     The scan (`neighbour_scan.cells_nearest`, compiled): the keys are stored cell by cell as their offsets
     r = k - c_j in the scan's axes (`_scan_axes`: the action first, then the state's principal axes), each component
     in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The distance over the leading
     axes alone (`_lead_axes`, 16 of halfcheetah-medium's 23) is a lower bound on the whole, and it rules out all but
-    about 16 of the ~30,000 keys a far query scans there. So the leading axes' codes are transposed (one row per
-    axis) with their -|r|^2 / 2 beside them in float32: a run's scores (q - c_j).r - |r|^2 / 2 over them are vector
-    instructions over contiguous memory. The rest of a key (its other codes and their -|r|^2 / 2) is one record, read
-    only for the keys that pass. A batch of halfcheetah-medium's far queries (update 10,000) takes 18 ms against 24
-    (all the axes scanned; session 36, benchmarks/learner_speed.md). Where the CPU has AVX-512 VNNI
-    (`byte_products`), the leading codes are laid out four axes to a word (`_as_byte_product_words`) and scored by
-    byte dot products against the weights rounded to bytes, whose rounding the limits allow for: the cells' part
-    of that batch in 23% less time again (session 37). A code is off by at most the cell's
-    `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and
-    the rounding of float32 and of the axes) of beating the best is compared in float64 from its float32 key, so the
-    answer is the float64 nearest key (the candidate, then the first found, on an exact tie).
+    about 16 of the ~30,000 keys a far query scans there. Where the CPU has AVX-512 BW (`interval_bounds`), a cheaper
+    bound goes first (`_interval_codes`): on each leading axis a cell's offsets are cut into 16 intervals, and a key's
+    4-bit interval codes (8 bytes on halfcheetah-medium) bound its distance over those axes from below by the sum of
+    the query's squared distances to its intervals: table lookups in bytes, 64 keys an instruction. That leaves
+    about 120 of a far query's 48,000 keys, whose leading scores are then made from their codes (a row per key); the
+    cells' part of a batch in 25% less time than VNNI byte products of the codes (session 38). Elsewhere the
+    leading axes' codes are transposed (one row per axis) with their -|r|^2 / 2 beside them in float32, and a run's
+    scores (q - c_j).r - |r|^2 / 2 over them are vector instructions over contiguous memory. The rest of a key (its
+    other codes and their -|r|^2 / 2) is one record, read only for the keys that pass. A code is off by at most the
+    cell's `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that
+    (and the rounding of float32 and of the axes) of beating the best is compared in float64 from its float32 key, so
+    the answer is the float64 nearest key (the candidate, then the first found, on an exact tie).
     """
 
     ROUNDING_PER_DIM = 2.0**-22
@@ -404,10 +414,10 @@ class VoronoiCells:
     2^-24 four times over for each term of the sums): it bounds the keys' float32 cell assignment; an overestimate
     only widens the scan."""
 
-    def __init__(self, keys: np.ndarray, action_dim: int = 0, byte_products: bool | None = None):
-        from offlab.neighbour_scan import byte_products_available
+    def __init__(self, keys: np.ndarray, action_dim: int = 0, interval_bounds: bool | None = None):
+        from offlab.neighbour_scan import MARK_EVERY, interval_bounds_available
 
-        self.byte_products = byte_products_available() if byte_products is None else byte_products
+        self.interval_bounds = interval_bounds_available() if interval_bounds is None else interval_bounds
         self.keys = keys = _compiled_input(keys, np.float32)
         self.centroids, cell_of = kmeans_partition(keys, self.cell_count(len(keys)))
         cells, dim = self.centroids.shape
@@ -429,7 +439,14 @@ class VoronoiCells:
         self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])
-        self.radius = np.sqrt(radius_sq[self.order])  # |k - c_j| by position: sorted within each cell
+        radius = np.sqrt(radius_sq[self.order])  # |k - c_j| by position: sorted within each cell
+        # every MARK_EVERY-th key's |k - c_j| in each cell (the first included), cell j's from mark_start[j]
+        counts = np.diff(self.start)
+        marked = -(-counts // MARK_EVERY)
+        self.mark_start = np.zeros(cells + 1, np.int64)
+        np.cumsum(marked, out=self.mark_start[1:])
+        self.marks = radius[np.repeat(self.start[:-1], marked)
+                            + MARK_EVERY * (np.arange(self.mark_start[-1]) - np.repeat(self.mark_start[:-1], marked))]
         # the offsets r = key - its centroid in the scan's axes, as int8 codes, r_d ~ step[j, d] code_d: the cells'
         # largest |r_d| first
         self.centroids_axes = cent @ self.axes.T  # [cells, dim]: a cell's, in a row (read per (query, cell) pair)
@@ -447,8 +464,7 @@ class VoronoiCells:
         self.half_sq_rest = record[:, -4:].view(np.float32)[:, 0]
         self.code_error = np.zeros((cells, dim))  # the largest |r_d - step_d code_d| in each cell, <= step_d / 2
         # -|r|^2 / 2 by position, split at the leading dimensions: of those, and of the rest
-        self.half_sq_padded = np.zeros(len(keys) + 16, np.float32)  # 16 more: the byte products read whole blocks
-        self.half_sq_lead = self.half_sq_padded[:len(keys)]
+        self.half_sq_lead = np.zeros(len(keys), np.float32)
         for positions, cell, runs, r in self._offsets(keys, cell_of, cent, chunk):
             code = np.clip(np.rint(r / self.step[cell]), -127, 127)
             self.codes[:, positions] = code[:, :self.lead].T
@@ -457,9 +473,38 @@ class VoronoiCells:
             self.code_error[cell[runs]] = np.maximum(self.code_error[cell[runs]], error)
             self.half_sq_lead[positions] = -0.5 * np.einsum("ij,ij->i", r[:, :self.lead], r[:, :self.lead])
             self.half_sq_rest[positions] = -0.5 * np.einsum("ij,ij->i", r[:, self.lead:], r[:, self.lead:])
-        if self.byte_products:
-            self.codes = self._as_byte_product_words(self.codes)
+        self.intervals = None
+        self.lowest = self.highest = np.zeros((0, 0, 0))
+        if self.interval_bounds:
+            self._interval_codes(keys, cent)
+            self.codes = np.ascontiguousarray(self.codes.T)  # a row per key: read for the few keys the bounds leave
         self.nearest(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))  # compiled now, not in an update
+
+    def _interval_codes(self, keys: np.ndarray, cent: np.ndarray) -> None:
+        """Each key's offset on each leading axis as the 4-bit index of an interval (`interval_bins`, per cell and
+        axis), two to a byte by position ([axes / 2, N + 64]: the bound reads whole blocks of 64), and each
+        interval's smallest and largest offset ([cells, lead, 16] each)."""
+        from offlab.neighbour_scan import INTERVALS, interval_bins
+
+        cells = len(cent)
+        # block by block of 64 keys, so that a run's codes are one stream: [blocks, axes / 2, 64], 64-byte aligned
+        blocks = -(-len(keys) // 64)
+        pairs = self.lead // 2
+        memory = np.zeros(blocks * pairs * 64 + 64, np.uint8)
+        skip = (-memory.ctypes.data) % 64
+        self.intervals = memory[skip:skip + blocks * pairs * 64].reshape(blocks, pairs, 64)
+        by_position = np.zeros((pairs, blocks * 64), np.uint8)
+        self.lowest = np.empty((cells, self.lead, INTERVALS))
+        self.highest = np.empty((cells, self.lead, INTERVALS))
+        lead_axes = self.axes[:self.lead].T
+        for j in range(cells):
+            a, b = self.start[j], self.start[j + 1]
+            offsets = (keys[self.order[a:b]].astype(np.float64) - cent[j]) @ lead_axes
+            codes, self.lowest[j], self.highest[j] = interval_bins(np.ascontiguousarray(offsets), INTERVALS)
+            by_position[:, a:b] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).T
+        self.intervals[:] = by_position.reshape(pairs, blocks, 64).transpose(1, 0, 2)
+        # in float32, rounded outwards: an interval only widens (the tables are made in float32)
+        self.lowest, self.highest = _float32_outwards(self.lowest, self.highest)
 
     @staticmethod
     def cell_count(rows: int) -> int:
@@ -471,24 +516,9 @@ class VoronoiCells:
         15% and 12% less; session 37)."""
         return _kmeans_cell_count(rows, round(0.3 * math.sqrt(rows)))
 
-    @staticmethod
-    def _as_byte_product_words(codes: np.ndarray) -> np.ndarray:
-        """The leading axes' codes [lead, N] laid out for VNNI's byte products: uint8 [groups, N + 16, 4], each
-        key's four axes of a group in one word, as code + 128 (unsigned); the axes past the last (to a whole group)
-        and the 16 keys past the last are 0 (128)."""
-        lead, rows = codes.shape
-        words = np.full((-(-lead // 4), rows + 16, 4), 128, np.uint8)
-        for d in range(lead):
-            words[d // 4, :rows, d % 4] = codes[d].astype(np.int16) + 128
-        return words
-
     def lead_codes(self) -> np.ndarray:
         """The leading axes' codes as int8 [lead, N], whichever layout the scan reads."""
-        if self.codes.ndim == 2:
-            return self.codes
-        rows = len(self.keys)
-        return np.stack([self.codes[d // 4, :rows, d % 4].astype(np.int16) - 128 for d in range(self.lead)]
-                        ).astype(np.int8)
+        return np.ascontiguousarray(self.codes.T) if self.interval_bounds else self.codes
 
     @staticmethod
     def _lead_axes(dim: int) -> int:
@@ -520,10 +550,10 @@ class VoronoiCells:
         from offlab.neighbour_scan import cells_nearest
 
         return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
-                             self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_padded,
-                             self.half_sq_rest, self.lead, self.order, self.start, self.radius, self.centroids_t,
-                             self.axes, self.centroids_axes, self.centroid_gap, self.centroid_sq, self.key_sq_max,
-                             self.ROUNDING_PER_DIM)
+                             self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_lead,
+                             self.half_sq_rest, self.lead, self.order, self.start, self.marks, self.mark_start,
+                             self.centroids_t, self.axes, self.centroids_axes, self.centroid_gap, self.centroid_sq, self.key_sq_max,
+                             self.ROUNDING_PER_DIM, self.intervals, self.lowest, self.highest)
 
     def _offsets(self, keys: np.ndarray, cell_of: np.ndarray, cent: np.ndarray, chunk: int):
         """For chunks of `chunk` positions: the positions, their cells, where each cell's run starts in the chunk

@@ -22,13 +22,13 @@ from offlab.algos.prdc import PRDC, PRDCConfig
 from offlab.data.schema import DatasetCard, coerce_columns, finalize
 from offlab.data.store import Transitions
 from offlab.errors import ConfigError
-from offlab.neighbour_scan import byte_products_available
+from offlab.neighbour_scan import interval_bounds_available
 from offlab.neighbours import NearestDatasetAction, SearchLayout
 from offlab.threads import same_bits_on_thread_counts, usable_cores
 from offlab.training import update_on
 
-# the cells' scan in float32, and by VNNI byte products where this CPU has them (else that layout cannot run here)
-SCAN_LAYOUTS = [False] + [True] * byte_products_available()
+# the cells' scan in float32, and with interval bounds first where this CPU has AVX-512 BW (else they cannot run here)
+SCAN_LAYOUTS = [False] + [True] * interval_bounds_available()
 
 SMALL = (64, 64)
 
@@ -326,8 +326,8 @@ def test_split_work_runs_every_chunk_once_and_returns_them_in_order_with_several
     assert SplitWork("test-split", square, [1, 2, 3]).result() == [1, 4, 9]
 
 
-@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
-def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate(byte_products):
+@pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
+def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate(interval_bounds):
     """The cells scanned are those whose half-space bound is below the candidate's distance: from the true
     neighbour, from a random key or from the farthest one (then nearly every cell), near the data and far from
     it, the answer is the float64 brute-force argmin."""
@@ -336,7 +336,7 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate(byte_products
     rng = np.random.default_rng(5)
     centres = rng.normal(0, 3, size=(20, 6))
     keys = (centres[rng.integers(0, 20, 4000)] + rng.normal(0, 0.5, size=(4000, 6))).astype(np.float32)
-    cells = VoronoiCells(keys, byte_products=byte_products)
+    cells = VoronoiCells(keys, interval_bounds=interval_bounds)
     assert len(cells.centroids) == VoronoiCells.cell_count(4000) == round(0.3 * np.sqrt(4000))
     # the scan's layout: every key once, cell by cell, as its offset from its own (the nearest) centroid
     assert sorted(cells.order) == list(range(4000))
@@ -372,8 +372,8 @@ def test_voronoi_cells_find_the_exact_neighbour_from_any_candidate(byte_products
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
-@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
-def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64(byte_products):
+@pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
+def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64(interval_bounds):
     """Keys in near-copies (2e-5 apart) and queries far from them: the scores the scan ranks keys by (from their
     offsets to the centroid in one-byte codes, summed in float32) misorder many queries' nearest keys, yet every
     answer is the float64 brute-force argmin, from any candidate, because a key whose score comes within the codes'
@@ -383,7 +383,7 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64(b
     rng = np.random.default_rng(7)
     base = rng.normal(0, 1, size=(400, 4))
     keys = np.concatenate([base] + [base + rng.normal(0, 2e-5, size=base.shape) for _ in range(3)]).astype(np.float32)
-    cells = VoronoiCells(keys, byte_products=byte_products)
+    cells = VoronoiCells(keys, interval_bounds=interval_bounds)
     query = (rng.normal(0, 1, size=(300, 4)) * 40).astype(np.float32)
     dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
     brute = dist.argmin(1)
@@ -400,8 +400,8 @@ def test_voronoi_cells_settle_what_float32_scores_cannot_tell_apart_in_float64(b
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])
-@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
-def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(offset, byte_products):
+@pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
+def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(offset, interval_bounds):
     """Keys [state (5), action (2)]: the scan's axes take the two action components first as they are, then the
     states' principal axes; the leading 4 axes are scored for every key of a shell and the rest only for the keys
     they leave in. Queries with dataset states and actions far off (the policy early in training), and keys in
@@ -414,7 +414,7 @@ def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(o
     actions = np.tanh(states[:, :2] + rng.normal(0, 0.3, size=(1500, 2)))
     base = np.concatenate([states, actions], axis=1)
     keys = (np.concatenate([base, base + rng.normal(0, 1e-3, size=base.shape)]) + offset).astype(np.float32)
-    cells = VoronoiCells(keys, action_dim=2, byte_products=byte_products)
+    cells = VoronoiCells(keys, action_dim=2, interval_bounds=interval_bounds)
     np.testing.assert_array_equal(cells.axes[:2], np.eye(7)[5:])  # the action, as it is
     np.testing.assert_allclose(cells.axes[2:, 5:], 0.0)
     np.testing.assert_allclose(cells.axes @ cells.axes.T, np.eye(7), atol=1e-12)
@@ -429,8 +429,8 @@ def test_voronoi_cells_scan_the_action_axes_first_and_give_the_exact_neighbour(o
         np.testing.assert_array_equal(cells.nearest(query, candidate), brute)
 
 
-@pytest.mark.parametrize("byte_products", SCAN_LAYOUTS)
-def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(byte_products):
+@pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
+def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(interval_bounds):
     """3,000 copies of one key fill one cell far beyond 1,024 keys (the scan's score buffer is sized for the largest
     cell); beside them, one key near each query. From the farthest key as candidate, a query nearest that cell's
     centroid scans it first, whole, in one run, and every answer is still the float64 brute-force argmin."""
@@ -441,7 +441,7 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(byte_products):
     offset = rng.normal(0, 1e-2, size=(50, 5))
     keys = np.concatenate([np.tile(centre, (3000, 1)), centre + 0.9 * offset, rng.normal(0, 3, size=(1000, 5))]
                           ).astype(np.float32)
-    cells = VoronoiCells(keys, byte_products=byte_products)
+    cells = VoronoiCells(keys, interval_bounds=interval_bounds)
     full = int(np.argmax(np.diff(cells.start)))
     assert cells.start[full + 1] - cells.start[full] > 1024
     query = (centre + offset).astype(np.float32)
@@ -452,74 +452,86 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(byte_products):
     np.testing.assert_array_equal(cells.nearest(query, dist.argmax(1)), dist.argmin(1))
 
 
-def test_byte_products_only_where_numba_compiles_for_a_cpu_with_them(monkeypatch):
-    """Off with OFFLAB_BYTE_PRODUCTS=0, for a CPU numba is told to compile for by name (NUMBA_CPU_NAME: the
-    instructions may not be there), and with NUMBA_CPU_FEATURES unless it names both avx512vnni and avx512bw."""
+def test_interval_bounds_only_where_numba_compiles_for_a_cpu_with_them(monkeypatch):
+    """Off with OFFLAB_INTERVAL_BOUNDS=0, for a CPU numba is told to compile for by name (NUMBA_CPU_NAME: the
+    instructions may not be there), and with NUMBA_CPU_FEATURES unless it names avx512bw."""
     import numba
 
-    monkeypatch.setenv("OFFLAB_BYTE_PRODUCTS", "0")
-    assert not byte_products_available()
-    monkeypatch.delenv("OFFLAB_BYTE_PRODUCTS")
+    monkeypatch.setenv("OFFLAB_INTERVAL_BOUNDS", "0")
+    assert not interval_bounds_available()
+    monkeypatch.delenv("OFFLAB_INTERVAL_BOUNDS")
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
-    assert not byte_products_available()
+    assert not interval_bounds_available()
     monkeypatch.setattr(numba.config, "CPU_NAME", None)
-    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512bw")
-    assert not byte_products_available()
-    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512bw,+avx512vnni")
-    assert byte_products_available()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f")
+    assert not interval_bounds_available()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
+    assert interval_bounds_available()
 
 
-@pytest.mark.skipif(not byte_products_available(), reason="this CPU has no AVX-512 VNNI")
-def test_voronoi_cells_byte_products_score_as_the_float_scan_within_the_weights_rounding():
-    """The byte layout holds the same codes as the float one (code + 128, four axes a word, padded to whole groups and
-    16 keys); weights quantised to bytes are within half a step of scale (the largest / 127) and the error returned
-    is their exact sum; the scores of a run equal the float64 sum over the bytes, and differ from the float scan's
-    by no more than that error times 127; every index of a passing score is found, in order."""
+def test_interval_bins_hold_every_value_in_sorted_disjoint_intervals():
+    """One-dimensional k-means per column: each value is inside its interval, the intervals are sorted and do not
+    overlap, the empty ones are (+inf, -inf), and a column of few distinct values gets one interval each."""
+    from offlab.neighbour_scan import interval_bins
+
+    rng = np.random.default_rng(19)
+    offsets = np.column_stack([rng.normal(0, 1, 500), rng.exponential(2.0, 500), np.repeat([-1.0, 0.5, 3.0], [100, 300, 100])])
+    codes, lowest, highest = interval_bins(offsets, 16)
+    assert codes.shape == (500, 3) and codes.max() < 16 and lowest.shape == highest.shape == (3, 16)
+    for d in range(3):
+        assert (lowest[d, codes[:, d]] <= offsets[:, d]).all() and (offsets[:, d] <= highest[d, codes[:, d]]).all()
+        held = np.isfinite(lowest[d])
+        assert (np.isfinite(highest[d]) == held).all() and (lowest[d, ~held] == np.inf).all()
+        assert (highest[d, held][:-1] < lowest[d, held][1:]).all()  # sorted, disjoint
+    assert np.isfinite(lowest[0]).all() and np.isfinite(lowest[2]).sum() == 3
+    np.testing.assert_array_equal(np.unique(codes[:, 2], return_counts=True)[1], [100, 300, 100])
+
+
+@pytest.mark.skipif(not interval_bounds_available(), reason="this CPU has no AVX-512 BW")
+def test_voronoi_cells_interval_bounds_are_lower_bounds_and_the_run_finds_every_key_under_the_limit():
+    """The interval codes: every key's offset on each leading axis lies in its interval (float32, rounded outwards),
+    two 4-bit codes a byte, 64 keys a block. The tables never exceed units times the squared distance from x to the
+    interval less slack, and fall short of it by little more than the rounding down; the run over any positions
+    (from mid-block to mid-block, across blocks) finds exactly the keys whose byte sum (saturating at 255) is at most
+    BOUND_LIMIT, in order."""
     from numba import njit
 
-    from offlab.neighbour_scan import _byte_product_pass, _shell_scores, _weights_in_bytes
+    from offlab.neighbour_scan import BOUND_LIMIT, _interval_bound_run, _interval_tables
     from offlab.neighbours import VoronoiCells
 
-    in_bytes = njit(lambda weight, dims, packed: _weights_in_bytes(weight, dims, packed))  # an intrinsic: compiled only
-
-    rng = np.random.default_rng(17)
+    make_tables = njit(lambda lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables:
+                       _interval_tables(lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables))
+    run = njit(lambda intervals, begin, end, tables, found: _interval_bound_run(intervals, begin, end, tables, found))
+    rng = np.random.default_rng(23)
     keys = rng.normal(0, 1, size=(3000, 7)).astype(np.float32)
-    cells = VoronoiCells(keys, byte_products=True)
-    plain = VoronoiCells(keys, byte_products=False)
-    assert cells.lead == 4 and cells.codes.dtype == np.uint8 and cells.codes.shape == (1, 3016, 4)
-    np.testing.assert_array_equal(cells.lead_codes(), plain.codes)
-    assert (cells.codes[:, 3000:] == 128).all()
-    for dims in (4, 7, 23):
-        weight = np.zeros(dims + 16, np.float32)
-        weight[:dims] = rng.normal(0, 3, dims)
-        weight[dims:] = 99.0  # past dims: ignored
-        packed = np.zeros(dims + 16, np.int32)
-        scale, error, total = in_bytes(weight, dims, packed)
-        small = packed.view(np.int8)[:dims].astype(np.float64)
-        assert scale == np.float32(np.abs(weight[:dims]).max() / np.float32(127))
-        assert np.abs(small).max() == 127 and (packed.view(np.int8)[dims:] == 0).all()
-        miss = np.abs(weight[:dims].astype(np.float64) - np.float64(scale) * small)
-        assert (miss <= 0.5 * scale * (1 + 1e-6)).all()
-        assert error == pytest.approx(miss.sum(), rel=1e-12) and total == small.sum()
-    weight = np.zeros(7 + 16, np.float32)
-    weight[:7] = rng.normal(0, 0.05, 7)
-    begin, end = int(cells.start[3]), int(cells.start[9])
-    out, expect = np.zeros(end - begin + 16, np.float32), np.zeros(end - begin, np.float32)
-    _shell_scores(plain.codes, plain.half_sq_lead, begin, end, weight, 4, expect)
-    limit = float(np.quantile(expect, 0.9))
-    found = np.zeros(end - begin + 16, np.int32)
-    packed = np.zeros(7 + 16, np.int32)
-    weights_off, passing = _byte_product_pass(cells.codes, cells.half_sq_padded, begin, end, weight, 4, out, packed,
-                                              limit, found)
-    scale, error, _ = in_bytes(weight, 4, packed)
-    assert weights_off == pytest.approx(127 * error, rel=1e-12)
-    small = packed.view(np.int8)[:4].astype(np.float64)
-    exact = np.float64(scale) * (plain.codes[:, begin:end].T.astype(np.float64) @ small) + plain.half_sq_lead[begin:end]
-    np.testing.assert_allclose(out[:end - begin], exact, rtol=1e-6, atol=1e-6)
-    assert (np.abs(out[:end - begin] - expect) <= weights_off + 1e-5).all()
-    lowered = np.float32(limit - weights_off - abs(limit - weights_off) * 2.0**-22)
-    np.testing.assert_array_equal(found[:passing], np.flatnonzero(out[:end - begin] >= lowered))
-    assert 0 < passing < end - begin
+    cells = VoronoiCells(keys, interval_bounds=True)
+    assert cells.lead == 4 and cells.codes.shape == (3000, 4) and cells.intervals.shape == (47, 2, 64)
+    assert cells.lowest.dtype == np.float32 and cells.intervals.ctypes.data % 64 == 0
+    cell_of = np.repeat(np.arange(len(cells.start) - 1), np.diff(cells.start))
+    offset = (keys[cells.order].astype(np.float64) - cells.centroids[cell_of]) @ cells.axes[:4].T
+    flat = cells.intervals.transpose(1, 0, 2).reshape(2, -1)[:, :3000]
+    code = np.stack([flat[0] & 15, flat[0] >> 4, flat[1] & 15, flat[1] >> 4], axis=1)
+    for d in range(4):
+        assert (cells.lowest[cell_of, d, code[:, d]] <= offset[:, d]).all()
+        assert (offset[:, d] <= cells.highest[cell_of, d, code[:, d]]).all()
+    # the tables of cell 2 for a query
+    query_axes = rng.normal(0, 2, size=(3, 7))
+    units, slack = 250.0 / 7.3, 1e-3
+    tables = np.zeros((4, 16), np.uint8)
+    make_tables(cells.lowest, cells.highest, 2, query_axes, 1, cells.centroids_axes, 4, slack, units, tables)
+    x = query_axes[1, :4] - cells.centroids_axes[2, :4]
+    gap = np.maximum(np.maximum(cells.lowest[2].astype(np.float64) - x[:, None],
+                                x[:, None] - cells.highest[2].astype(np.float64)) - slack, 0.0)
+    exact = np.minimum(units * gap**2, 255.0)
+    assert (tables <= exact).all() and (tables >= np.floor(exact * (1 - 1e-5)) - 1).all() and tables.max() > 0
+    # the run, against the byte sums in numpy
+    tables = rng.integers(0, 130, size=(4, 16)).astype(np.uint8)
+    bound = np.minimum(tables[np.arange(4), code].astype(np.int64).sum(1), 255)
+    for begin, end in ((0, 3000), (5, 60), (70, 1000), (2990, 3000), (100, 101)):
+        found = np.zeros(end - begin, np.int32)
+        passing = run(cells.intervals, begin, end, tables, found)
+        np.testing.assert_array_equal(found[:passing], np.flatnonzero(bound[begin:end] <= BOUND_LIMIT))
+    assert 0 < (bound <= BOUND_LIMIT).sum() < 3000
 
 
 def test_kmeans_cells_are_kept_on_disk_and_rebuild_the_index_trained_the_first_time():
@@ -1127,7 +1139,7 @@ def test_the_compiled_search_caches_in_offlab_home_where_numba_could_not_write(t
         f"spec = importlib.util.spec_from_file_location('scan_copy', {str(package / 'scan_copy.py')!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "print(module._squared_distance(np.ones((1, 2), np.float32), 0, np.zeros(2)))\n")
+        "print(module._squared_distance(np.ones((1, 2), np.float32), 0, np.zeros((1, 2)), 0))\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache" / "x"), OFFLAB_HOME=str(tmp_path / "offlab"))
     done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
