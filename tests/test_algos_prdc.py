@@ -918,8 +918,8 @@ def test_the_caller_searches_its_share_of_each_batch_with_the_process_neighbours
 
 def test_the_callers_share_balances_the_two_finishes():
     """m = (n p - before) / (p + p_own): none while the process finishes within the caller's own steps (walker2d:
-    7.5 ms per 256 queries against 14 ms of critic steps), about half where it takes 120 ms (halfcheetah); only
-    after BALANCE_AFTER searches."""
+    7.5 ms per 256 queries against 14 ms of critic steps), nor when it outlasts them by a share below MIN_SHARE,
+    about half where it takes 120 ms (halfcheetah); only after BALANCE_AFTER searches."""
     index = NearestDatasetAction.__new__(NearestDatasetAction)
     index.caller_share, index._share_estimate, index._searches, index.share_search = 0, 0.0, 0, True
     index._balance(256, 0, process_s=0.12, before_s=0.014, own_s=0.0)
@@ -933,6 +933,9 @@ def test_the_callers_share_balances_the_two_finishes():
         mine = index.caller_share
         index._balance(256, mine, process_s=0.0075 * (256 - mine) / 256, before_s=0.014, own_s=0.0075 * mine / 256)
     assert index.caller_share == 0
+    for _ in range(300):  # a search just longer than the critic steps: a share below MIN_SHARE is none
+        index._balance(256, 0, process_s=0.0095, before_s=0.0085, own_s=0.0)
+    assert 0 < index._share_estimate < index.MIN_SHARE and index.caller_share == 0
     for step in range(100):  # one search in ten outlasts the critic steps: on average none do, so no share
         index._balance(256, 0, process_s=0.03 if step % 10 == 0 else 0.0075, before_s=0.014, own_s=0.0)
         assert index.caller_share == 0
