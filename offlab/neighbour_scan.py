@@ -65,8 +65,12 @@ def listed_nearest(keys, query, rows, lists, first, radius_first, radius, obs_di
     certain = np.zeros(n, np.bool_)
     gathered = np.empty((listed, dim), np.float32)
     q = np.empty((1, dim))
+    ahead = min(first, listed)
     for i in range(n):
         row = rows[i]
+        if i + 1 < n:  # the next query's first listed keys on their way while this one is answered
+            for m in range(ahead):
+                _prefetch(keys, lists[rows[i + 1], m])
         for d in range(dim):
             q[0, d] = query[i, d]
         own = 0.0  # beta * |s - s_row|: both states are beta * s in the keys
@@ -165,6 +169,8 @@ def _interval_bound_run(typingctx, intervals, begin, end, tables, found):
     half; tables: uint8 [axes, 16]), summed in bytes that saturate at 255, a block at a time by `vpshufb`. The
     indices (position - begin) of the keys whose bound is at most BOUND_LIMIT go into found (int32), in order;
     returns how many."""
+    if intervals.dtype != types.uint8 or tables.dtype != types.uint8 or found.dtype != types.int32:
+        raise numba.TypingError("_interval_bound_run: uint8 codes and tables, int32 found")
     sig = types.int64(intervals, begin, end, tables, found)
 
     def codegen(context, builder, signature, args):
@@ -337,6 +343,8 @@ def _interval_tables(typingctx, lowest, highest, j, query_axes, i, centroids_axe
     units, rounded down and at most 255, for d < dims and the INTERVALS intervals of each: 16 at a time in float32
     vector instructions, every rounding of float32 taken off (a relative 2^-20 and |x_d| 2^-22; numba's float64
     loop took about 270 ns a shell, as long as the bound's run on 1,000 keys)."""
+    if lowest.dtype != types.float32 or highest.dtype != types.float32 or tables.dtype != types.uint8:
+        raise numba.TypingError("_interval_tables: float32 intervals and uint8 tables")
     sig = types.void(lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables)
 
     def codegen(context, builder, signature, args):
@@ -385,25 +393,25 @@ def _interval_tables(typingctx, lowest, highest, j, query_axes, i, centroids_axe
     return sig, codegen
 
 
-def _interval_pass(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
+def _interval_pass(intervals, lowest, highest, tables, found, j, query_axes, i, centroids_axes, lead, slack, best_d2,
+                   begin, end):
     """The keys at positions begin:end whose interval bound over the leading axes does not rule them out against
-    best_d2, into found (indices in the run, in order): how many, or -1 where the keys have no interval codes (their
-    intervals None). data, buffers: as `_scan_shell`'s."""
+    best_d2, into found (indices in the run, in order): how many, or -1 without interval codes (intervals None).
+    The arrays one by one: given the cells' tuple, the call took a fifth of the cells' time more on
+    halfcheetah-medium."""
 
 
-@overload(_interval_pass, jit_options={"nogil": True})
-def _interval_pass_for(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
-    if isinstance(data.types[13], types.NoneType):
-        return lambda data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end: -1
+@overload(_interval_pass, jit_options={"nogil": True}, inline="always")
+def _interval_pass_for(intervals, lowest, highest, tables, found, j, query_axes, i, centroids_axes, lead, slack,
+                       best_d2, begin, end):
+    if isinstance(intervals, types.NoneType):
+        return lambda intervals, lowest, highest, tables, found, j, query_axes, i, centroids_axes, lead, slack, \
+            best_d2, begin, end: -1
 
-    def bounded(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end):
+    def bounded(intervals, lowest, highest, tables, found, j, query_axes, i, centroids_axes, lead, slack, best_d2,
+                begin, end):
         if best_d2 <= 0.0:  # an exact match: no key is nearer
             return 0
-        centroids_axes, intervals, lowest, highest = data[11], data[13], data[14], data[15]
-        found, tables = buffers[2], buffers[3]
-        # tables[d, m]: the squared distance from q to interval m of axis d (less the axes' rounding, slack), in
-        # units of best_d2 (1 + 1e-9) / BOUND_LIMIT, rounded down: a key whose sum of them passes BOUND_LIMIT is
-        # farther than the best
         units = BOUND_LIMIT / (best_d2 * (1.0 + 1e-9)) * (1.0 - 1e-12)
         _interval_tables(lowest, highest, j, query_axes, i, centroids_axes, lead, slack, units, tables)
         return _interval_bound_run(intervals, begin, end, tables, found)
@@ -413,18 +421,21 @@ def _interval_pass_for(data, buffers, j, query_axes, i, lead, slack, best_d2, be
 
 @intrinsic
 def _prefetch(typingctx, array, row):
-    """Ask for array[row]'s first cache line (2-d, C-contiguous) ahead of its use."""
+    """Ask for array[row] (2-d, C-contiguous: its first and last byte's cache lines) ahead of its use."""
     sig = types.void(array, row)
 
     def codegen(context, builder, signature, args):
         array_a = context.make_array(signature.args[0])(context, builder, args[0])
-        at = builder.mul(args[1], cgutils.unpack_tuple(builder, array_a.strides)[0])
-        pointer = builder.gep(builder.bitcast(array_a.data, ir.IntType(8).as_pointer()), [at])
+        stride = cgutils.unpack_tuple(builder, array_a.strides)[0]
+        row_v = context.cast(builder, args[1], signature.args[1], types.int64)
+        first = builder.gep(builder.bitcast(array_a.data, ir.IntType(8).as_pointer()), [builder.mul(row_v, stride)])
+        last = builder.gep(first, [builder.sub(stride, ir.Constant(ir.IntType(64), 1))])
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
             "llvm.prefetch.p0i8")
-        builder.call(prefetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        for pointer in (first, last):
+            builder.call(prefetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -452,8 +463,8 @@ def _scan_shell(j, qs, query_axes, i, q_norm, best, best_d2, to_cell, lead, key_
     distance). The query q: qs[i], and in the codes' axes query_axes[i] (float64); to_cell: |q - c_j|^2 (float64).
     data: the keys and their cells (`cells_nearest`); buffers: (weight, scores, found, tables)."""
     (keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest, order, start, marks, mark_start,
-     centroids_axes, centroid_sq, _, _, _) = data
-    weight, scores, found, _ = buffers
+     centroids_axes, centroid_sq, intervals, lowest, highest) = data
+    weight, scores, found, tables = buffers
     dim = qs.shape[1]
     # q_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
     # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), so a squared distance over them, or a score, by
@@ -473,7 +484,8 @@ def _scan_shell(j, qs, query_axes, i, q_norm, best, best_d2, to_cell, lead, key_
     # with interval codes, first the keys their bound leaves in (a key's offsets r in the axes are off by at most
     # dim^2 2^-52 (|k| + |c_j|), as q - c_j by moved)
     slack = moved + dim * dim * 2.0**-52 * (key_norm + math.sqrt(centroid_sq[j]))
-    passing = _interval_pass(data, buffers, j, query_axes, i, lead, slack, best_d2, begin, end)
+    passing = _interval_pass(intervals, lowest, highest, tables, found, j, query_axes, i, centroids_axes, lead,
+                             slack, best_d2, begin, end)
     if passing == 0:
         return best, best_d2
     # the score (q - c_j).r - |r|^2 / 2 from the codes r_d ~ step_d code_d: off by at most

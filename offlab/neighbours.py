@@ -474,7 +474,7 @@ class VoronoiCells:
             self.half_sq_lead[positions] = -0.5 * np.einsum("ij,ij->i", r[:, :self.lead], r[:, :self.lead])
             self.half_sq_rest[positions] = -0.5 * np.einsum("ij,ij->i", r[:, self.lead:], r[:, self.lead:])
         self.intervals = None
-        self.lowest = self.highest = np.zeros((0, 0, 0))
+        self.lowest = self.highest = np.zeros((0, 0, 0), np.float32)
         if self.interval_bounds:
             self._interval_codes(keys, cent)
             self.codes = np.ascontiguousarray(self.codes.T)  # a row per key: read for the few keys the bounds leave
@@ -482,8 +482,8 @@ class VoronoiCells:
 
     def _interval_codes(self, keys: np.ndarray, cent: np.ndarray) -> None:
         """Each key's offset on each leading axis as the 4-bit index of an interval (`interval_bins`, per cell and
-        axis), two to a byte by position ([axes / 2, N + 64]: the bound reads whole blocks of 64), and each
-        interval's smallest and largest offset ([cells, lead, 16] each)."""
+        axis), two to a byte, block by block of 64 positions ([blocks, lead / 2, 64]), and each interval's smallest
+        and largest offset ([cells, lead, 16] each, float32 rounded outwards)."""
         from offlab.neighbour_scan import INTERVALS, interval_bins
 
         cells = len(cent)
