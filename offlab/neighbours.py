@@ -400,7 +400,7 @@ class VoronoiCells:
     4-bit interval codes (8 bytes on halfcheetah-medium) bound its distance over those axes from below by the sum of
     the query's squared distances to its intervals: table lookups in bytes, 64 keys an instruction. That leaves
     about 120 of a far query's 48,000 keys, whose leading scores are then made from their codes (a row per key); the
-    cells' part of a batch in 25% less time than VNNI byte products of the codes (session 38). Elsewhere the
+    cells' part of a batch in a quarter less time than VNNI byte products of the codes (session 38). Elsewhere the
     leading axes' codes are transposed (one row per axis) with their -|r|^2 / 2 beside them in float32, and a run's
     scores (q - c_j).r - |r|^2 / 2 over them are vector instructions over contiguous memory. The rest of a key (its
     other codes and their -|r|^2 / 2) is one record, read only for the keys that pass. A code is off by at most the

@@ -55,7 +55,8 @@ the learner. Differs from the reference code:
   leave in: a quarter less again, session 36; in about 0.3 sqrt(N) cells rather than sqrt(N): half the time again
   on halfcheetah-medium, a fifth on hopper-medium, session 37; where the CPU has AVX-512 BW, bounded first from
   each key's 4-bit interval codes by byte table lookups, which leave about 120 of a far query's 48,000 keys to
-  score: a sixth less on halfcheetah-medium than scoring them by AVX-512 VNNI byte products, session 38). Whichever of the two took less time per query lately takes the open queries (the
+  score: a fifth less on halfcheetah-medium and hopper-medium than scoring them all by AVX-512 VNNI byte products,
+  session 38). Whichever of the two took less time per query lately takes the open queries (the
   slower is timed again now and then, on 16 of a batch's open queries); the answer is the same either way. The
   cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
   on disk) and a copy of the keys stored cell by cell, a byte per component. Without the lists (`state_neighbours=0`) a
@@ -397,8 +398,9 @@ class PRDC:
                 f"PRDC: the exact neighbour search kept actor steps {self.UNTIMED_SEARCHES + 1}-"
                 f"{self.UNTIMED_SEARCHES + self.TIMED_SEARCHES} waiting {mean * 1e3:.0f} ms each on average: the "
                 f"policy is still far from the data, so each search scans many keys. On halfcheetah-medium that "
-                f"lasts about 20,000 updates, at 1.5-2 times TD3+BC's time per update, and about 1.3 times after; "
-                f"--set nn_search=ivf (approximate) was no faster there on 2 cores (benchmarks/learner_speed.md)")
+                f"lasts about 20,000 updates, at about 1.5 times TD3+BC's time per update, and about 1.25 times "
+                f"after; --set nn_search=ivf (approximate) was no faster there on 2 cores "
+                f"(benchmarks/learner_speed.md)")
 
     def lookahead(self, batch) -> None:
         """The batch the next `update` will get (the training loop announces it before the current update):
