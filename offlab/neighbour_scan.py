@@ -466,7 +466,7 @@ def _scan_shell(j, qs, query_axes, i, q_norm, best, best_d2, to_cell, lead, key_
      centroids_axes, centroid_sq, intervals, lowest, highest) = data
     weight, scores, found, tables = buffers
     dim = qs.shape[1]
-    # q_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
+    # query_axes and the centroid's axes are float64 products: q - c_j in them is off by at most moved (the products'
     # rounding, dim^1.5 2^-53 (|q| + |c_j|), with room to spare), so a squared distance over them, or a score, by
     # 2 moved (2 |q - c_j| + |r|) at most
     moved = dim * dim * 2.0**-52 * (q_norm + math.sqrt(centroid_sq[j]))
@@ -561,7 +561,8 @@ def cells_nearest(query, candidate, keys, codes, codes_rest, step, code_error, h
     found = np.empty(largest_cell, np.int32)  # the positions in a run that pass the first limit
     tables = np.zeros((lead, INTERVALS), np.uint8)  # the interval bounds' lookup tables, made per shell
     key_norm = math.sqrt(key_sq_max)
-    # one argument each: numba would not inline the call with all 33 arguments ("Calling a closure with *args")
+    # the cells' arrays and the buffers as two tuples: numba would not inline `_scan_shell` with all 33 arguments
+    # ("Calling a closure with *args")
     data = (keys, codes, codes_rest, step, code_error, half_sq_lead, half_sq_rest, order, start, marks, mark_start,
             centroids_axes, centroid_sq, intervals, lowest, highest)
     buffers = (weight, scores, found, tables)

@@ -436,6 +436,7 @@ class VoronoiCells:
             scatter += r.T @ r
         self.axes = self._scan_axes(scatter, action_dim)
         self.lead = self._lead_axes(dim)
+        self.interval_bounds = self.interval_bounds and self.lead % 2 == 0  # two codes a byte: keys of 1 or 3 axes
         self.order = np.lexsort((radius_sq, cell_of))  # key rows: cell by cell, nearest the centroid first
         self.start = np.zeros(cells + 1, np.int64)  # cell j's keys are positions start[j]:start[j + 1] of order
         np.cumsum(np.bincount(cell_of, minlength=cells), out=self.start[1:])

@@ -469,6 +469,23 @@ def test_interval_bounds_only_where_numba_compiles_for_a_cpu_with_them(monkeypat
     assert interval_bounds_available()
 
 
+@pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
+@pytest.mark.parametrize("rows, dim", [(1, 4), (5, 3), (40, 4), (200, 1), (300, 6)])
+def test_voronoi_cells_of_few_keys_or_axes_give_the_exact_neighbour(rows, dim, interval_bounds):
+    """One cell, cells smaller than a block of 64 or than the 16 intervals, keys of 1 or 3 axes (an odd number of
+    leading axes: the float32 scan, the interval codes being two a byte): still the brute-force argmin."""
+    from offlab.neighbours import VoronoiCells
+
+    rng = np.random.default_rng(rows + dim)
+    keys = rng.normal(0, 1, size=(rows, dim)).astype(np.float32)
+    cells = VoronoiCells(keys, interval_bounds=interval_bounds)
+    assert cells.interval_bounds == (interval_bounds and cells.lead % 2 == 0)
+    query = rng.normal(0, 3, size=(50, dim)).astype(np.float32)
+    dist = ((query[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    for candidate in (rng.integers(0, rows, 50), dist.argmax(1)):
+        np.testing.assert_array_equal(cells.nearest(query, candidate), dist.argmin(1))
+
+
 def test_interval_bins_hold_every_value_in_sorted_disjoint_intervals():
     """One-dimensional k-means per column: each value is inside its interval, the intervals are sorted and do not
     overlap, the empty ones are (+inf, -inf), and a column of few distinct values gets one interval each."""
