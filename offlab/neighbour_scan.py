@@ -139,19 +139,29 @@ def _splat(builder, value, vector_type):
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), None))
 
 
+def interval_lanes() -> int:
+    """How many keys' bytes the compiled scan's table lookups (`vpshufb`) take at once on the CPU numba compiles for:
+    64 with AVX-512 BW, 32 with AVX2, else 0 (no interval bounds). NUMBA_CPU_FEATURES is what numba compiles for,
+    whatever this CPU has; a CPU named by NUMBA_CPU_NAME without it may lack the instructions: 0."""
+    if numba.config.CPU_FEATURES:
+        named = numba.config.CPU_FEATURES.split(",")
+    elif numba.config.CPU_NAME in (None, "host"):
+        from llvmlite import binding
+
+        named = ["+" + name for name, on in binding.get_host_cpu_features().items() if on]
+    else:
+        return 0
+    return 64 if "+avx512bw" in named else 32 if "+avx2" in named else 0
+
+
 def interval_bounds_available() -> bool:
-    """Whether the compiled scan can bound the leading axes by byte table lookups (AVX-512 BW's `vpshufb` on 64
-    bytes): on this machine's CPU (numba compiles for it unless NUMBA_CPU_NAME says otherwise), and unless
-    OFFLAB_INTERVAL_BOUNDS=0 turns them off."""
-    if os.environ.get("OFFLAB_INTERVAL_BOUNDS", "1") == "0" or numba.config.CPU_NAME not in (None, "host"):
-        return False
-    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES: what numba compiles for, whatever this CPU has
-        return "+avx512bw" in numba.config.CPU_FEATURES.split(",")
-    from llvmlite import binding
-
-    return bool(binding.get_host_cpu_features().get("avx512bw"))
+    """Whether the compiled scan can bound the leading axes by byte table lookups (`interval_lanes`: AVX-512 BW or
+    AVX2), unless OFFLAB_INTERVAL_BOUNDS=0 turns them off."""
+    return os.environ.get("OFFLAB_INTERVAL_BOUNDS", "1") != "0" and INTERVAL_LANES > 0
 
 
+INTERVAL_LANES = interval_lanes()
+"""`interval_lanes` of this process's CPU: fixed in the compiled scan (numba's cache is kept per CPU and features)."""
 MARK_EVERY = 32
 """Keys between two of a cell's marks (`VoronoiCells.marks`), which bound its shells' runs."""
 INTERVALS = 16
@@ -159,39 +169,40 @@ INTERVALS = 16
 BOUND_LIMIT = 250
 """The squared distance to beat, in the units the interval tables count in (one byte, saturating at 255)."""
 
-_BYTES = ir.VectorType(ir.IntType(8), 64)
-
-
 @intrinsic
-def _interval_bound_run(typingctx, intervals, begin, end, tables, found):
+def _interval_bound_run(typingctx, intervals, begin, end, tables, found, lanes):
     """For the keys at positions begin:end: each key's bound sum_d tables[d, code_d] over the leading axes (codes:
     intervals [keys / 64, axes / 2, 64], block by block of 64 keys, two 4-bit codes a byte, axis 2p in the low
-    half; tables: uint8 [axes, 16]), summed in bytes that saturate at 255, a block at a time by `vpshufb`. The
-    indices (position - begin) of the keys whose bound is at most BOUND_LIMIT go into found (int32), in order;
-    returns how many."""
+    half; tables: uint8 [axes, 16]), summed in bytes that saturate at 255, `lanes` (a literal: 64 for AVX-512 BW, 32
+    for AVX2) keys at a time by `vpshufb`. The indices (position - begin) of the keys whose bound is at most
+    BOUND_LIMIT go into found (int32), in order; returns how many."""
     if intervals.dtype != types.uint8 or tables.dtype != types.uint8 or found.dtype != types.int32:
         raise numba.TypingError("_interval_bound_run: uint8 codes and tables, int32 found")
-    sig = types.int64(intervals, begin, end, tables, found)
+    if not isinstance(lanes, types.IntegerLiteral) or lanes.literal_value not in (32, 64):
+        raise numba.TypingError("_interval_bound_run: lanes a literal 32 or 64")
+    width = lanes.literal_value
+    sig = types.int64(intervals, begin, end, tables, found, lanes)
 
     def codegen(context, builder, signature, args):
-        intervals_v, begin_v, end_v, tables_v, found_v = args
+        intervals_v, begin_v, end_v, tables_v, found_v, _ = args
         intervals_a = context.make_array(signature.args[0])(context, builder, intervals_v)
         tables_a = context.make_array(signature.args[3])(context, builder, tables_v)
         found_a = context.make_array(signature.args[4])(context, builder, found_v)
         i64, i32 = ir.IntType(64), ir.IntType(32)
+        vector = ir.VectorType(ir.IntType(8), width)
         module = builder.module
-        shuffle = cgutils.get_or_insert_function(module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]),
-                                                 "llvm.x86.avx512.pshuf.b.512")
-        add_saturating = cgutils.get_or_insert_function(module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]),
-                                                        "llvm.uadd.sat.v64i8")
+        shuffle_name = "llvm.x86.avx512.pshuf.b.512" if width == 64 else "llvm.x86.avx2.pshuf.b"
+        shuffle = cgutils.get_or_insert_function(module, ir.FunctionType(vector, [vector, vector]), shuffle_name)
+        add_saturating = cgutils.get_or_insert_function(module, ir.FunctionType(vector, [vector, vector]),
+                                                        f"llvm.uadd.sat.v{width}i8")
         trailing = cgutils.get_or_insert_function(module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
         popcount = cgutils.get_or_insert_function(module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
         pairs = cgutils.unpack_tuple(builder, intervals_a.shape)[1]
         block_bytes = builder.mul(pairs, ir.Constant(i64, 64))
         sixteen = ir.VectorType(ir.IntType(8), INTERVALS)
-        repeat = ir.Constant(ir.VectorType(i32, 64), [ir.Constant(i32, k % INTERVALS) for k in range(64)])
+        repeat = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, k % INTERVALS) for k in range(width)])
 
-        def four_times(at):  # an axis's 16-byte table in each of the four 128-bit lanes `vpshufb` looks up in
+        def repeated(at):  # an axis's 16-byte table in each of the 128-bit lanes `vpshufb` looks up in
             values = builder.load(builder.bitcast(builder.gep(tables_a.data, [at]), sixteen.as_pointer()), align=1)
             return builder.shuffle_vector(values, values, repeat)
 
@@ -201,32 +212,38 @@ def _interval_bound_run(typingctx, intervals, begin, end, tables, found):
                                ir.Constant(i64, 1))
             return builder.select(full, ir.Constant(i64, -1), ones)
 
-        low = ir.Constant(_BYTES, [0x0F] * 64)
-        four = ir.Constant(_BYTES, [4] * 64)
-        limit = ir.Constant(_BYTES, [BOUND_LIMIT] * 64)
+        low = ir.Constant(vector, [0x0F] * width)
+        four = ir.Constant(vector, [4] * width)
+        limit = ir.Constant(vector, [BOUND_LIMIT] * width)
         sixty_four = ir.Constant(i64, 64)
         first_block = builder.sdiv(begin_v, sixty_four)
         blocks = builder.sub(builder.sdiv(builder.add(end_v, ir.Constant(i64, 63)), sixty_four), first_block)
         passing = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
-        total = cgutils.alloca_once(builder, _BYTES)
+        totals = [cgutils.alloca_once(builder, vector) for _ in range(64 // width)]
         bits_left = cgutils.alloca_once(builder, i64)
         with cgutils.for_range(builder, blocks) as block_loop:
             block = builder.add(first_block, block_loop.index)
             start = builder.mul(block, sixty_four)  # the block's first position
             base = builder.mul(block, block_bytes)
-            builder.store(ir.Constant(_BYTES, None), total)
+            for total in totals:
+                builder.store(ir.Constant(vector, None), total)
             with cgutils.for_range(builder, pairs) as loop:
-                at = builder.add(base, builder.mul(loop.index, sixty_four))
-                codes = builder.load(builder.bitcast(builder.gep(intervals_a.data, [at]), _BYTES.as_pointer()),
-                                     align=64)
                 table = builder.mul(loop.index, ir.Constant(i64, 2 * INTERVALS))
-                even = four_times(table)
-                odd = four_times(builder.add(table, ir.Constant(i64, INTERVALS)))
-                part = builder.call(add_saturating, [builder.call(shuffle, [even, builder.and_(codes, low)]),
-                                                     builder.call(shuffle, [odd, builder.lshr(codes, four)])])
-                builder.store(builder.call(add_saturating, [builder.load(total), part]), total)
-            inside = builder.icmp_unsigned("<=", builder.load(total), limit)
-            bits = builder.zext(builder.bitcast(inside, ir.IntType(64)), i64)
+                even = repeated(table)
+                odd = repeated(builder.add(table, ir.Constant(i64, INTERVALS)))
+                for part_index, total in enumerate(totals):  # the block's 64 keys, `width` at a time
+                    at = builder.add(base, builder.add(builder.mul(loop.index, sixty_four),
+                                                       ir.Constant(i64, part_index * width)))
+                    codes = builder.load(builder.bitcast(builder.gep(intervals_a.data, [at]), vector.as_pointer()),
+                                         align=width)
+                    part = builder.call(add_saturating, [builder.call(shuffle, [even, builder.and_(codes, low)]),
+                                                         builder.call(shuffle, [odd, builder.lshr(codes, four)])])
+                    builder.store(builder.call(add_saturating, [builder.load(total), part]), total)
+            bits = ir.Constant(i64, 0)
+            for part_index, total in enumerate(totals):
+                inside = builder.icmp_unsigned("<=", builder.load(total), limit)
+                part_bits = builder.zext(builder.bitcast(inside, ir.IntType(width)), i64)
+                bits = builder.or_(bits, builder.shl(part_bits, ir.Constant(i64, part_index * width)))
             # only the lanes of positions begin:end
             below_end = lanes_below(builder.sub(end_v, start))
             before_begin = lanes_below(builder.sub(begin_v, start))  # 0 lanes but in the first block
@@ -414,7 +431,7 @@ def _interval_pass_for(intervals, lowest, highest, tables, found, j, query_axes,
             return 0
         units = BOUND_LIMIT / (best_d2 * (1.0 + 1e-9)) * (1.0 - 1e-12)
         _interval_tables(lowest, highest, j, query_axes, i, centroids_axes, lead, slack, units, tables)
-        return _interval_bound_run(intervals, begin, end, tables, found)
+        return _interval_bound_run(intervals, begin, end, tables, found, INTERVAL_LANES)
 
     return bounded
 

@@ -395,13 +395,13 @@ class VoronoiCells:
     r = k - c_j in the scan's axes (`_scan_axes`: the action first, then the state's principal axes), each component
     in one byte: r_d ~ step_d * code_d, the step 1/127 of the cell's largest |r_d|. The distance over the leading
     axes alone (`_lead_axes`, 16 of halfcheetah-medium's 23) is a lower bound on the whole, and it rules out all but
-    about 16 of the ~30,000 keys a far query scans there. Where the CPU has AVX-512 BW (`interval_bounds`), a cheaper
-    bound goes first (`_interval_codes`): on each leading axis a cell's offsets are cut into 16 intervals, and a key's
-    4-bit interval codes (8 bytes on halfcheetah-medium) bound its distance over those axes from below by the sum of
-    the query's squared distances to its intervals: table lookups in bytes, 64 keys an instruction. That leaves
-    about 120 of a far query's 48,000 keys, whose leading scores are then made from their codes (a row per key); the
-    cells' part of a batch in a quarter less time than VNNI byte products of the codes (session 38). Elsewhere the
-    leading axes' codes are transposed (one row per axis) with their -|r|^2 / 2 beside them in float32, and a run's
+    about 16 of the ~30,000 keys a far query scans there. Where the CPU has AVX-512 BW or AVX2 (`interval_bounds`), a
+    cheaper bound goes first (`_interval_codes`): on each leading axis a cell's offsets are cut into 16 intervals, and
+    a key's 4-bit interval codes (8 bytes on halfcheetah-medium) bound its distance over those axes from below by the
+    sum of the query's squared distances to its intervals: table lookups in bytes, 64 keys an instruction (32 with
+    AVX2). That leaves about 120 of a far query's 48,000 keys, whose leading scores are then made from their codes (a
+    row per key); the cells' part of a batch in a quarter less time than VNNI byte products of the codes (session
+    38), and half the float32 scan's time. Elsewhere the leading axes' codes are transposed (one row per axis) with their -|r|^2 / 2 beside them in float32, and a run's
     scores (q - c_j).r - |r|^2 / 2 over them are vector instructions over contiguous memory. The rest of a key (its
     other codes and their -|r|^2 / 2) is one record, read only for the keys that pass. A code is off by at most the
     cell's `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that

@@ -27,7 +27,8 @@ from offlab.neighbours import NearestDatasetAction, SearchLayout
 from offlab.threads import same_bits_on_thread_counts, usable_cores
 from offlab.training import update_on
 
-# the cells' scan in float32, and with interval bounds first where this CPU has AVX-512 BW (else they cannot run here)
+# the cells' scan in float32, and with interval bounds first where this CPU has AVX-512 BW or AVX2 (else they cannot
+# run here)
 SCAN_LAYOUTS = [False] + [True] * interval_bounds_available()
 
 SMALL = (64, 64)
@@ -453,20 +454,26 @@ def test_voronoi_cells_scan_a_run_longer_than_the_scan_buffer(interval_bounds):
 
 
 def test_interval_bounds_only_where_numba_compiles_for_a_cpu_with_them(monkeypatch):
-    """Off with OFFLAB_INTERVAL_BOUNDS=0, for a CPU numba is told to compile for by name (NUMBA_CPU_NAME: the
-    instructions may not be there), and with NUMBA_CPU_FEATURES unless it names avx512bw."""
+    """64 lanes with AVX-512 BW, 32 with AVX2, none without either, as NUMBA_CPU_FEATURES names them (what numba
+    compiles for), none for a CPU named by NUMBA_CPU_NAME alone (the instructions may not be there); and off with
+    OFFLAB_INTERVAL_BOUNDS=0."""
     import numba
 
+    from offlab.neighbour_scan import INTERVAL_LANES, interval_lanes
+
+    assert interval_lanes() == INTERVAL_LANES and interval_bounds_available() == (INTERVAL_LANES > 0)
     monkeypatch.setenv("OFFLAB_INTERVAL_BOUNDS", "0")
     assert not interval_bounds_available()
-    monkeypatch.delenv("OFFLAB_INTERVAL_BOUNDS")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
-    assert not interval_bounds_available()
+    assert interval_lanes() == 0
     monkeypatch.setattr(numba.config, "CPU_NAME", None)
-    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f")
-    assert not interval_bounds_available()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse4.2,+avx")
+    assert interval_lanes() == 0
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+fma")
+    assert interval_lanes() == 32
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
-    assert interval_bounds_available()
+    assert interval_lanes() == 64
 
 
 @pytest.mark.parametrize("interval_bounds", SCAN_LAYOUTS)
@@ -492,7 +499,8 @@ def test_interval_bins_hold_every_value_in_sorted_disjoint_intervals():
     from offlab.neighbour_scan import interval_bins
 
     rng = np.random.default_rng(19)
-    offsets = np.column_stack([rng.normal(0, 1, 500), rng.exponential(2.0, 500), np.repeat([-1.0, 0.5, 3.0], [100, 300, 100])])
+    few = np.repeat([-1.0, 0.5, 3.0], [100, 300, 100])
+    offsets = np.column_stack([rng.normal(0, 1, 500), rng.exponential(2.0, 500), few])
     codes, lowest, highest = interval_bins(offsets, 16)
     assert codes.shape == (500, 3) and codes.max() < 16 and lowest.shape == highest.shape == (3, 16)
     for d in range(3):
@@ -504,7 +512,7 @@ def test_interval_bins_hold_every_value_in_sorted_disjoint_intervals():
     np.testing.assert_array_equal(np.unique(codes[:, 2], return_counts=True)[1], [100, 300, 100])
 
 
-@pytest.mark.skipif(not interval_bounds_available(), reason="this CPU has no AVX-512 BW")
+@pytest.mark.skipif(not interval_bounds_available(), reason="this CPU has neither AVX-512 BW nor AVX2")
 def test_voronoi_cells_interval_bounds_are_lower_bounds_and_the_run_finds_every_key_under_the_limit():
     """The interval codes: every key's offset on each leading axis lies in its interval (float32, rounded outwards),
     two 4-bit codes a byte, 64 keys a block. The tables never exceed units times the squared distance from x to the
@@ -513,12 +521,17 @@ def test_voronoi_cells_interval_bounds_are_lower_bounds_and_the_run_finds_every_
     BOUND_LIMIT, in order."""
     from numba import njit
 
-    from offlab.neighbour_scan import BOUND_LIMIT, _interval_bound_run, _interval_tables
+    from offlab.neighbour_scan import BOUND_LIMIT, INTERVAL_LANES, _interval_bound_run, _interval_tables
     from offlab.neighbours import VoronoiCells
 
     make_tables = njit(lambda lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables:
                        _interval_tables(lowest, highest, j, query_axes, i, centroids_axes, dims, slack, units, tables))
-    run = njit(lambda intervals, begin, end, tables, found: _interval_bound_run(intervals, begin, end, tables, found))
+    # the AVX2 form (32 keys an instruction) runs on an AVX-512 CPU too; the AVX-512 one only there
+    runs = {32: njit(lambda intervals, begin, end, tables, found:
+                     _interval_bound_run(intervals, begin, end, tables, found, 32))}
+    if INTERVAL_LANES == 64:
+        runs[64] = njit(lambda intervals, begin, end, tables, found:
+                        _interval_bound_run(intervals, begin, end, tables, found, 64))
     rng = np.random.default_rng(23)
     keys = rng.normal(0, 1, size=(3000, 7)).astype(np.float32)
     cells = VoronoiCells(keys, interval_bounds=True)
@@ -544,10 +557,11 @@ def test_voronoi_cells_interval_bounds_are_lower_bounds_and_the_run_finds_every_
     # the run, against the byte sums in numpy
     tables = rng.integers(0, 130, size=(4, 16)).astype(np.uint8)
     bound = np.minimum(tables[np.arange(4), code].astype(np.int64).sum(1), 255)
-    for begin, end in ((0, 3000), (5, 60), (70, 1000), (2990, 3000), (100, 101)):
-        found = np.zeros(end - begin, np.int32)
-        passing = run(cells.intervals, begin, end, tables, found)
-        np.testing.assert_array_equal(found[:passing], np.flatnonzero(bound[begin:end] <= BOUND_LIMIT))
+    for run in runs.values():
+        for begin, end in ((0, 3000), (5, 60), (70, 1000), (2990, 3000), (100, 101), (40, 90)):
+            found = np.zeros(end - begin, np.int32)
+            passing = run(cells.intervals, begin, end, tables, found)
+            np.testing.assert_array_equal(found[:passing], np.flatnonzero(bound[begin:end] <= BOUND_LIMIT))
     assert 0 < (bound <= BOUND_LIMIT).sum() < 3000
 
 

@@ -53,7 +53,7 @@ the learner. Differs from the reference code:
   one-byte codes, cell by cell over the batch: halfcheetah-medium's far batches in less than half the time,
   session 35; scored over the action's and the state's leading axes first, the rest only for the few keys those
   leave in: a quarter less again, session 36; in about 0.3 sqrt(N) cells rather than sqrt(N): half the time again
-  on halfcheetah-medium, a fifth on hopper-medium, session 37; where the CPU has AVX-512 BW, bounded first from
+  on halfcheetah-medium, a fifth on hopper-medium, session 37; where the CPU has AVX-512 BW or AVX2, bounded first from
   each key's 4-bit interval codes by byte table lookups, which leave about 120 of a far query's 48,000 keys to
   score: a fifth less on halfcheetah-medium and hopper-medium than scoring them all by AVX-512 VNNI byte products,
   session 38). Whichever of the two took less time per query lately takes the open queries (the
