@@ -403,11 +403,11 @@ class VoronoiCells:
     row per key); the cells' part of a batch in a quarter less time than VNNI byte products of the codes (session
     38), and half the float32 scan's time. Elsewhere the leading axes' codes are transposed (one row per axis) with
     their -|r|^2 / 2 beside them in float32, and a run's scores (q - c_j).r - |r|^2 / 2 over them are vector
-    instructions over contiguous memory. The rest of a key (its
-    other codes and their -|r|^2 / 2) is one record, read only for the keys that pass. A code is off by at most the
-    cell's `code_error`, so a score by at most sum_d |q - c_j|_d code_error_d; a key whose score comes within that
-    (and the rounding of float32 and of the axes) of beating the best is compared in float64 from its float32 key, so
-    the answer is the float64 nearest key (the candidate, then the first found, on an exact tie).
+    instructions over contiguous memory. The rest of a key (its other codes and their -|r|^2 / 2) is one record,
+    read only for the keys that pass. A code is off by at most the cell's `code_error`, so a score by at most
+    sum_d |q - c_j|_d code_error_d; a key whose score comes within that (and the rounding of float32 and of the axes)
+    of beating the best is compared in float64 from its float32 key, so the answer is the float64 nearest key (the
+    candidate, then the first found, on an exact tie).
     """
 
     ROUNDING_PER_DIM = 2.0**-22
