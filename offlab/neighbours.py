@@ -554,8 +554,8 @@ class VoronoiCells:
         return cells_nearest(_compiled_input(query, np.float32), _compiled_input(candidate, np.int64), self.keys,
                              self.codes, self.codes_rest, self.step, self.code_error, self.half_sq_lead,
                              self.half_sq_rest, self.lead, self.order, self.start, self.marks, self.mark_start,
-                             self.centroids_t, self.axes, self.centroids_axes, self.centroid_gap, self.centroid_sq, self.key_sq_max,
-                             self.ROUNDING_PER_DIM, self.intervals, self.lowest, self.highest)
+                             self.centroids_t, self.axes, self.centroids_axes, self.centroid_gap, self.centroid_sq,
+                             self.key_sq_max, self.ROUNDING_PER_DIM, self.intervals, self.lowest, self.highest)
 
     def _offsets(self, keys: np.ndarray, cell_of: np.ndarray, cent: np.ndarray, chunk: int):
         """For chunks of `chunk` positions: the positions, their cells, where each cell's run starts in the chunk

@@ -59,7 +59,8 @@ the learner. Differs from the reference code:
   session 38). Whichever of the two took less time per query lately takes the open queries (the
   slower is timed again now and then, on 16 of a batch's open queries); the answer is the same either way. The
   cells cost a k-means over the keys once per dataset (2-6 s on 1M keys, one thread; kept
-  on disk) and a copy of the keys stored cell by cell, a byte per component. Without the lists (`state_neighbours=0`) a
+  on disk) and a copy of the keys stored cell by cell, a byte per component (and half a byte per leading axis for
+  the interval codes). Without the lists (`state_neighbours=0`) a
   query asked at a row takes that row's own key as its candidate: on halfcheetah-medium, where the lists settle
   about a quarter of the queries, updates took 15% longer than with them (session 30); the tree alone, which
   took such queries before, took 1.8 s per 256.
